@@ -1,0 +1,43 @@
+// Package errno defines the error values every gomm package returns for bad
+// input and resource failures, one per kernel errno they mirror, so that
+// errors.Is(err, errno.ErrInvalid) holds whichever package refused the
+// call. Each package re-exports the ones it returns (pagetable.ErrInvalid
+// is errno.ErrInvalid) and wraps them with context.
+//
+// Kernel counterpart: include/uapi/asm-generic/errno-base.h. This package
+// has no locks and no state.
+package errno
+
+// Errno is a kernel-style error number. Its values compare equal across
+// packages, so errors.Is works through any amount of wrapping.
+type Errno uint8
+
+// The errors gomm returns.
+const (
+	ErrInvalid Errno = iota + 1 // EINVAL: bad argument (address, length, flags)
+	ErrNoMem                    // ENOMEM: out of frames, swap or page-table memory; or no mapping
+	ErrFault                    // EFAULT: address not mapped or not accessible
+	ErrAgain                    // EAGAIN: would block in a non-blocking context; retry
+	ErrBusy                     // EBUSY: resource in use (a huge leaf in the way, a pinned page)
+	ErrExist                    // EEXIST: something is already there
+	ErrClosed                   // ESRCH: the object (mm, subscription) is gone
+	ErrPerm                     // EACCES: the access is not allowed by the protection
+)
+
+var names = [...]string{
+	ErrInvalid: "invalid argument (EINVAL)",
+	ErrNoMem:   "out of memory (ENOMEM)",
+	ErrFault:   "bad address (EFAULT)",
+	ErrAgain:   "try again (EAGAIN)",
+	ErrBusy:    "resource busy (EBUSY)",
+	ErrExist:   "already exists (EEXIST)",
+	ErrClosed:  "no such object (ESRCH)",
+	ErrPerm:    "permission denied (EACCES)",
+}
+
+func (e Errno) Error() string {
+	if int(e) < len(names) && names[e] != "" {
+		return names[e]
+	}
+	return "errno " + string('0'+rune(e/100%10)) + string('0'+rune(e/10%10)) + string('0'+rune(e%10))
+}

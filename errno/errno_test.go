@@ -1,0 +1,27 @@
+package errno_test
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/gomm-dev/gomm/errno"
+	"github.com/stretchr/testify/assert"
+)
+
+func TestErrnoWrapsAndCompares(t *testing.T) {
+	err := fmt.Errorf("pagetable: map %#x: %w", 0x1001, errno.ErrInvalid)
+	assert.ErrorIs(t, err, errno.ErrInvalid)
+	assert.NotErrorIs(t, err, errno.ErrNoMem)
+	assert.Equal(t, "pagetable: map 0x1001: invalid argument (EINVAL)", err.Error())
+	var e errno.Errno
+	assert.True(t, errors.As(err, &e))
+	assert.Equal(t, errno.ErrInvalid, e)
+	assert.Equal(t, "errno 042", errno.Errno(42).Error())
+}
+
+func Example() {
+	err := fmt.Errorf("mmap: %w", errno.ErrNoMem)
+	fmt.Println(errors.Is(err, errno.ErrNoMem), err)
+	// Output: true mmap: out of memory (ENOMEM)
+}

@@ -1,0 +1,233 @@
+package physmem
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gomm-dev/gomm/errno"
+)
+
+// Errors returned by physmem. ErrInvalid and ErrNoMem are the shared errno
+// values.
+var (
+	ErrInvalid = errno.ErrInvalid
+	ErrNoMem   = errno.ErrNoMem
+	// ErrFreed: the frame is free. Returned by Get and Put on a free frame
+	// (use after free, double free) and by writes to one; the frame is left
+	// as it was.
+	ErrFreed = errors.New("physmem: frame is free")
+	// ErrBadState: the last reference was dropped while the frame was
+	// still mapped or locked (the kernel's "Bad page state"). The frame is
+	// freed anyway; the error says the caller's accounting is wrong.
+	ErrBadState = errors.New("physmem: frame freed in a bad state")
+)
+
+// MaxFrames is the largest RAM an Allocator can manage, in frames
+// (16 TiB): PFNs are stored in 32 bits to keep Frame at 64 bytes.
+const MaxFrames = math.MaxUint32
+
+// FreeHook is called for every frame as it is freed: after its last
+// reference is dropped, before its data is poisoned and before it can be
+// allocated again. The frame still has its flags and mapping. Hooks run on
+// the freeing goroutine and must not take locks the freer may hold.
+type FreeHook func(f *Frame)
+
+type hookEntry struct {
+	id uint64
+	fn FreeHook
+}
+
+// Stats are an allocator's counters. Every field is a count since New.
+type Stats struct {
+	Frames    int    // RAM size, in frames
+	Free      int    // frames on the free list now
+	Allocs    uint64 // successful allocations
+	Frees     uint64 // frames freed (last reference dropped)
+	Failures  uint64 // allocations refused for lack of frames
+	BadPuts   uint64 // Get or Put on a free frame
+	BadStates uint64 // frames freed while mapped or locked
+}
+
+// Allocator is the machine's physical memory: a fixed number of frames
+// (mm/page_alloc.c, with one zone and order-0 pages only).
+//
+// Alloc, Get, TryGet and Put are safe for concurrent use.
+type Allocator struct {
+	frames []Frame
+
+	mu   sync.Mutex
+	free []uint32 // PFNs of free frames, a LIFO stack; protected by mu
+
+	hookMu sync.Mutex                  // serialises OnFree registration
+	hooks  atomic.Pointer[[]hookEntry] // copy-on-write; read on every free
+	hookID uint64                      // protected by hookMu
+
+	allocs, frees, failures, badPuts, badStates atomic.Uint64
+}
+
+// New returns an allocator of the given number of frames, all free.
+func New(frames int) (*Allocator, error) {
+	if frames <= 0 || uint64(frames) > MaxFrames {
+		return nil, fmt.Errorf("physmem: %d frames: %w", frames, ErrInvalid)
+	}
+	a := &Allocator{frames: make([]Frame, frames), free: make([]uint32, frames)}
+	for i := range a.frames {
+		f := &a.frames[i]
+		f.pfn = uint32(i)
+		f.data.Store(poisonData)
+		// The stack pops from the end: hand out low PFNs first.
+		a.free[frames-1-i] = uint32(i)
+	}
+	return a, nil
+}
+
+// Frames returns the RAM size in frames.
+func (a *Allocator) Frames() int { return len(a.frames) }
+
+// Frame returns the frame with the given PFN (pfn_to_page), free or not.
+func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
+	if pfn >= PFN(len(a.frames)) {
+		return nil, fmt.Errorf("physmem: pfn %#x beyond %d frames: %w", pfn, len(a.frames), ErrInvalid)
+	}
+	return &a.frames[pfn], nil
+}
+
+// Alloc takes a free frame, returning it with one reference, no flags, no
+// mapping and zero contents. Out of frames it returns ErrNoMem.
+func (a *Allocator) Alloc() (*Frame, error) {
+	a.mu.Lock()
+	n := len(a.free)
+	if n == 0 {
+		a.mu.Unlock()
+		a.failures.Add(1)
+		return nil, fmt.Errorf("physmem: all %d frames in use: %w", len(a.frames), ErrNoMem)
+	}
+	pfn := a.free[n-1]
+	a.free = a.free[:n-1]
+	a.mu.Unlock()
+
+	f := &a.frames[pfn]
+	f.data.Store(nil)
+	f.refcount.Store(1)
+	a.allocs.Add(1)
+	return f, nil
+}
+
+// Get takes another reference to a frame the caller already holds one to,
+// or reaches through a mapping (get_page). Getting a free frame is refused
+// with ErrFreed.
+func (a *Allocator) Get(f *Frame) error {
+	if !a.TryGet(f) {
+		a.badPuts.Add(1)
+		return fmt.Errorf("physmem: get %v: %w", f, ErrFreed)
+	}
+	return nil
+}
+
+// TryGet takes a reference unless the frame is free (get_page_unless_zero),
+// the speculative reference lockless walkers take.
+func (a *Allocator) TryGet(f *Frame) bool {
+	for {
+		r := f.refcount.Load()
+		if r <= 0 {
+			return false
+		}
+		if f.refcount.CompareAndSwap(r, r+1) {
+			return true
+		}
+	}
+}
+
+// Put drops a reference (put_page). Dropping the last one frees the frame:
+// the free hooks run, its data is poisoned and its generation bumped, and
+// it returns to the free list. Put on a free frame is a double free or a
+// put after free: it is refused with ErrFreed and changes nothing.
+func (a *Allocator) Put(f *Frame) error {
+	for {
+		r := f.refcount.Load()
+		if r <= 0 {
+			a.badPuts.Add(1)
+			return fmt.Errorf("physmem: put %v: %w", f, ErrFreed)
+		}
+		if f.refcount.CompareAndSwap(r, r-1) {
+			if r == 1 {
+				return a.free1(f)
+			}
+			return nil
+		}
+	}
+}
+
+func (a *Allocator) free1(f *Frame) error {
+	var err error
+	if f.mapcount.Load() != 0 || f.IsLocked() {
+		a.badStates.Add(1)
+		err = fmt.Errorf("physmem: free %v: %w", f, ErrBadState)
+	}
+	if hooks := a.hooks.Load(); hooks != nil {
+		for _, h := range *hooks {
+			h.fn(f)
+		}
+	}
+	f.data.Store(poisonData)
+	f.gen.Add(1)
+	f.flags.Store(0)
+	f.mapcount.Store(0)
+	f.mapping, f.index, f.private = nil, 0, 0
+	a.frees.Add(1)
+
+	a.mu.Lock()
+	a.free = append(a.free, f.pfn)
+	a.mu.Unlock()
+	return err
+}
+
+// OnFree registers a hook run on every frame free and returns a function
+// that removes it. The checker uses it to verify that no TLB still
+// translates to a frame being freed.
+func (a *Allocator) OnFree(fn FreeHook) (remove func()) {
+	a.hookMu.Lock()
+	defer a.hookMu.Unlock()
+	a.hookID++
+	id := a.hookID
+	var next []hookEntry
+	if cur := a.hooks.Load(); cur != nil {
+		next = append(next, *cur...)
+	}
+	next = append(next, hookEntry{id: id, fn: fn})
+	a.hooks.Store(&next)
+	return func() {
+		a.hookMu.Lock()
+		defer a.hookMu.Unlock()
+		cur := a.hooks.Load()
+		if cur == nil {
+			return
+		}
+		var kept []hookEntry
+		for _, h := range *cur {
+			if h.id != id {
+				kept = append(kept, h)
+			}
+		}
+		a.hooks.Store(&kept)
+	}
+}
+
+// Stats returns a snapshot of the allocator's counters.
+func (a *Allocator) Stats() Stats {
+	a.mu.Lock()
+	free := len(a.free)
+	a.mu.Unlock()
+	return Stats{
+		Frames:    len(a.frames),
+		Free:      free,
+		Allocs:    a.allocs.Load(),
+		Frees:     a.frees.Load(),
+		Failures:  a.failures.Load(),
+		BadPuts:   a.badPuts.Load(),
+		BadStates: a.badStates.Load(),
+	}
+}

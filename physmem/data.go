@@ -1,0 +1,169 @@
+package physmem
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Frame data is little-endian, like the x86 memory it stands for.
+
+// Load64 reads the aligned 64-bit word at byte offset off.
+func (f *Frame) Load64(off int) (uint64, error) {
+	if off < 0 || off >= PageSize || off%8 != 0 {
+		return 0, fmt.Errorf("physmem: load64 at %d: %w", off, ErrInvalid)
+	}
+	d := f.data.Load()
+	if d == nil {
+		return 0, nil
+	}
+	return d[off/8].Load(), nil
+}
+
+// Store64 writes the aligned 64-bit word at byte offset off. A store to a
+// free frame is dropped and reported as ErrFreed.
+func (f *Frame) Store64(off int, v uint64) error {
+	if off < 0 || off >= PageSize || off%8 != 0 {
+		return fmt.Errorf("physmem: store64 at %d: %w", off, ErrInvalid)
+	}
+	d, err := f.writable()
+	if err != nil {
+		return err
+	}
+	d[off/8].Store(v)
+	return nil
+}
+
+// ReadAt copies len(p) bytes from offset off of the frame into p. A frame
+// never written reads as zeros, a free frame as PoisonWord bytes.
+func (f *Frame) ReadAt(p []byte, off int) (int, error) {
+	if err := checkSpan(off, len(p)); err != nil {
+		return 0, fmt.Errorf("physmem: read %d bytes at %d: %w", len(p), off, err)
+	}
+	d := f.data.Load()
+	if d == nil {
+		clear(p)
+		return len(p), nil
+	}
+	var word [8]byte
+	for n := 0; n < len(p); {
+		pos := off + n
+		binary.LittleEndian.PutUint64(word[:], d[pos/8].Load())
+		n += copy(p[n:], word[pos%8:])
+	}
+	return len(p), nil
+}
+
+// WriteAt copies p into the frame at offset off. Whole aligned words are
+// stored directly; partial words are merged by compare-and-swap so that a
+// concurrent writer of the other bytes of the word is never overwritten.
+// A write to a free frame is dropped and reported as ErrFreed.
+func (f *Frame) WriteAt(p []byte, off int) (int, error) {
+	if err := checkSpan(off, len(p)); err != nil {
+		return 0, fmt.Errorf("physmem: write %d bytes at %d: %w", len(p), off, err)
+	}
+	d, err := f.writable()
+	if err != nil {
+		return 0, err
+	}
+	for n := 0; n < len(p); {
+		pos := off + n
+		w, b := pos/8, pos%8
+		if b == 0 && len(p)-n >= 8 {
+			d[w].Store(binary.LittleEndian.Uint64(p[n:]))
+			n += 8
+			continue
+		}
+		chunk := min(8-b, len(p)-n)
+		for {
+			old := d[w].Load()
+			var word [8]byte
+			binary.LittleEndian.PutUint64(word[:], old)
+			copy(word[b:], p[n:n+chunk])
+			if d[w].CompareAndSwap(old, binary.LittleEndian.Uint64(word[:])) {
+				break
+			}
+		}
+		n += chunk
+	}
+	return len(p), nil
+}
+
+// CopyFrom makes the frame's contents a copy of src's (copy_user_highpage,
+// for COW and migration). src must not be written concurrently if the copy
+// is to be a snapshot; the caller arranges that, as the kernel does by
+// write-protecting or unmapping first.
+func (f *Frame) CopyFrom(src *Frame) error {
+	s := src.data.Load()
+	if s == poisonData {
+		return fmt.Errorf("physmem: copy from pfn %#x: %w", src.pfn, ErrFreed)
+	}
+	if s == nil {
+		return f.Zero()
+	}
+	d, err := f.writable()
+	if err != nil {
+		return err
+	}
+	for i := range d {
+		d[i].Store(s[i].Load())
+	}
+	return nil
+}
+
+// Zero clears the frame's contents.
+func (f *Frame) Zero() error {
+	for {
+		d := f.data.Load()
+		if d == poisonData {
+			return fmt.Errorf("physmem: zero pfn %#x: %w", f.pfn, ErrFreed)
+		}
+		if d == nil || f.data.CompareAndSwap(d, nil) {
+			return nil
+		}
+	}
+}
+
+// IsZero reports whether every byte of the frame is zero (a never-written
+// frame is).
+func (f *Frame) IsZero() bool {
+	d := f.data.Load()
+	if d == nil {
+		return true
+	}
+	for i := range d {
+		if d[i].Load() != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// HasData reports whether the frame's data has been allocated, that is,
+// whether it was ever written since it was allocated.
+func (f *Frame) HasData() bool {
+	d := f.data.Load()
+	return d != nil && d != poisonData
+}
+
+// writable returns the frame's data, allocating it on first write.
+func (f *Frame) writable() (*pageData, error) {
+	d := f.data.Load()
+	if d == nil {
+		fresh := new(pageData)
+		if f.data.CompareAndSwap(nil, fresh) {
+			return fresh, nil
+		}
+		d = f.data.Load()
+	}
+	if d == poisonData {
+		return nil, fmt.Errorf("physmem: write to pfn %#x: %w", f.pfn, ErrFreed)
+	}
+	return d, nil
+}
+
+func checkSpan(off, n int) error {
+	if off < 0 || n < 0 || off > PageSize || n > PageSize-off {
+		return ErrInvalid
+	}
+	return nil
+}

@@ -1,0 +1,38 @@
+// Package physmem is the machine's physical memory: frames (struct page,
+// order-0 folios) and the allocator that hands them out from a fixed RAM
+// size.
+//
+// Kernel counterparts: include/linux/mm_types.h (struct page, struct
+// folio), include/linux/page-flags.h, include/linux/page_ref.h,
+// mm/page_alloc.c, and the page lock and its hashed wait table in
+// mm/filemap.c.
+//
+// # Frames
+//
+// A Frame carries a reference count, a map count, page flags, an rmap slot
+// (Mapping and index), a private word (the swap entry of a swap-cache
+// frame), a sleeping page lock, and 4 KiB of data allocated on first write.
+// Without data a Frame is 64 bytes. Its data is held as 64-bit words and
+// accessed atomically, as memory is by hardware: simulated CPUs, devices and
+// the MM may touch one frame at once without a Go data race, and partial
+// word writes merge by compare-and-swap.
+//
+// # Lifetimes
+//
+// Alloc returns a frame with one reference. The last Put frees it: the
+// free hooks run (the checker verifies there that no TLB still maps the
+// frame), the data is poisoned so that a stale reader sees PoisonWord, the
+// generation is bumped so that (PFN, Gen) names one lifetime, and the frame
+// returns to the free list. Get or Put on a free frame (use after free,
+// double free) is refused with ErrFreed and counted, never absorbed; a free
+// of a frame that is still mapped or locked is reported as ErrBadState.
+//
+// # Lock order and protection
+//
+// The page lock (Frame.Lock) ranks after mmap_lock and before i_mmap_rwsem
+// (locks.ClassPageLock); TryLock may be used under page-table locks.
+// Mapping, index and private are protected by the page lock, or by the
+// frame not yet being visible to anyone else. Reference count, map count
+// and flags are atomic. The allocator's free list has its own mutex, a
+// leaf lock.
+package physmem
