@@ -1,6 +1,9 @@
 package pagetable
 
-import "fmt"
+import (
+	"fmt"
+	"runtime"
+)
 
 // PTETable is one PTE table with its split lock held: what
 // pte_offset_map_lock returns. Entries are addressed by index 0..511;
@@ -45,8 +48,26 @@ func (p PTETable) Set(i int, e PTE) PTE {
 // Accessed or Dirty bit the walker set up to that instant
 // (ptep_get_and_clear).
 func (p PTETable) GetAndClear(i int) PTE {
-	old := PTE(p.page[i].Swap(0))
+	var old PTE
+	if testNonAtomicClear {
+		old = p.racyClear(i)
+	} else {
+		old = PTE(p.page[i].Swap(0))
+	}
 	p.account(old, 0)
+	return old
+}
+
+// testNonAtomicClear switches GetAndClear to a read followed by a separate
+// store, the bug ptep_get_and_clear exists to avoid: a Dirty bit the
+// walker sets between the two is lost. Only the regression test that
+// proves the test can see that sets it.
+var testNonAtomicClear = false
+
+func (p PTETable) racyClear(i int) PTE {
+	old := PTE(p.page[i].Load())
+	runtime.Gosched() // an interrupt between the two instructions
+	p.page[i].Store(0)
 	return old
 }
 
