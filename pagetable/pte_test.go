@@ -9,12 +9,12 @@ import (
 
 func TestPTEEncoding(t *testing.T) {
 	tests := []struct {
-		name                           string
-		e                              PTE
-		present, writable, huge, swap  bool
-		young, dirty                   bool
-		pfn                            uint64
-		str                            string
+		name                          string
+		e                             PTE
+		present, writable, huge, swap bool
+		young, dirty                  bool
+		pfn                           uint64
+		str                           string
 	}{
 		{"none", 0, false, false, false, false, false, false, 0, "none"},
 		{"ro user", NewPTE(0x1234, User), true, false, false, false, false, false, 0x1234, "pfn 0x1234 -U-------"},
