@@ -1,9 +1,6 @@
 package pagetable
 
-import (
-	"fmt"
-	"runtime"
-)
+import "fmt"
 
 // PTETable is one PTE table with its split lock held: what
 // pte_offset_map_lock returns. Entries are addressed by index 0..511;
@@ -64,9 +61,15 @@ func (p PTETable) GetAndClear(i int) PTE {
 // proves the test can see that sets it.
 var testNonAtomicClear = false
 
+// testClearWindow, if set, runs between the read and the store of the
+// non-atomic clear: the test puts another CPU's walk exactly there.
+var testClearWindow func()
+
 func (p PTETable) racyClear(i int) PTE {
 	old := PTE(p.page[i].Load())
-	runtime.Gosched() // an interrupt between the two instructions
+	if testClearWindow != nil {
+		testClearWindow()
+	}
 	p.page[i].Store(0)
 	return old
 }

@@ -1,0 +1,201 @@
+package pagetable
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/gomm-dev/gomm/locks"
+)
+
+// withoutLockdep turns the lock-order checker off for one benchmark: the
+// tests in this binary run with it on, and it costs a stack capture per
+// lock operation.
+func withoutLockdep(b *testing.B) {
+	if locks.LockdepEnabled() {
+		locks.DisableLockdep()
+		b.Cleanup(locks.EnableLockdep)
+	}
+}
+
+// The benchmarks work on 1 GiB of address space: 2^18 4 KiB pages or 512
+// 2 MiB leaves. Per-page figures are reported as ns/page.
+
+const (
+	benchSpan  = 1 << 30
+	benchPages = benchSpan >> PageShift
+)
+
+// randomVAs returns addresses spread at random over [0, span), each with
+// a random offset inside its page.
+func randomVAs(span uint64, n int) []uint64 {
+	rng := rand.New(rand.NewPCG(1, 2))
+	vas := make([]uint64, n)
+	for i := range vas {
+		vas[i] = rng.Uint64N(span)
+	}
+	return vas
+}
+
+func mappedTable(b *testing.B, huge bool) *Table {
+	b.Helper()
+	withoutLockdep(b)
+	tb := New(Options{})
+	if huge {
+		for va := uint64(0); va < benchSpan; va += HugeSize {
+			if err := tb.MapHuge(va, NewPTE(va>>PageShift, Write|User|Accessed|Dirty)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return tb
+	}
+	if err := tb.MapRange(0, benchSpan, NewPTE(0, Write|User|Accessed|Dirty)); err != nil {
+		b.Fatal(err)
+	}
+	return tb
+}
+
+func benchLookup(b *testing.B, huge bool) {
+	tb := mappedTable(b, huge)
+	vas := randomVAs(benchSpan, 1<<16)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if e, _ := tb.Lookup(vas[i&(len(vas)-1)]); e == 0 {
+			b.Fatal("unmapped")
+		}
+		i++
+	}
+}
+
+// BenchmarkLookup: a mapped 4 KiB page at a random address over 1 GiB.
+func BenchmarkLookup(b *testing.B) { benchLookup(b, false) }
+
+// BenchmarkLookupHuge: the same over 2 MiB leaves.
+func BenchmarkLookupHuge(b *testing.B) { benchLookup(b, true) }
+
+func benchWalk(b *testing.B, huge bool, acc Access) {
+	tb := mappedTable(b, huge)
+	vas := randomVAs(benchSpan, 1<<16)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if tr := tb.Walk(vas[i&(len(vas)-1)], acc); tr.Fault != FaultNone {
+			b.Fatal(tr.Fault)
+		}
+		i++
+	}
+}
+
+// BenchmarkWalkLockless: the hardware walker, random addresses over 1 GiB,
+// entries already young (the steady state, no compare-and-swap).
+func BenchmarkWalkLockless(b *testing.B) {
+	b.Run("read", func(b *testing.B) { benchWalk(b, false, AccessRead|AccessUser) })
+	b.Run("write", func(b *testing.B) { benchWalk(b, false, AccessWrite|AccessUser) })
+	b.Run("huge", func(b *testing.B) { benchWalk(b, true, AccessRead|AccessUser) })
+}
+
+// BenchmarkWalkSetsAccessed: every walk finds the entry old and sets
+// Accessed by compare-and-swap, as after an aging pass.
+func BenchmarkWalkSetsAccessed(b *testing.B) {
+	withoutLockdep(b)
+	tb := New(Options{})
+	if err := tb.MapRange(0, HugeSize, NewPTE(0, Write|User)); err != nil {
+		b.Fatal(err)
+	}
+	pt, _, _ := tb.LockPTE(0)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		j := i & (Entries - 1)
+		pt.page[j].And(^uint64(Accessed)) // age it, as TestAndClearYoung would
+		if tr := tb.Walk(uint64(j)<<PageShift, AccessRead); tr.Fault != FaultNone {
+			b.Fatal(tr.Fault)
+		}
+		i++
+	}
+	pt.Unlock()
+}
+
+// perPage runs op once per b.Loop iteration on a fresh table built by
+// setup (untimed) and reports the time per page.
+func perPage(b *testing.B, pages int, setup func() *Table, op func(*Table)) {
+	withoutLockdep(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		tb := setup()
+		b.StartTimer()
+		op(tb)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(pages), "ns/page")
+}
+
+func emptyTable() *Table { return New(Options{}) }
+
+// BenchmarkMap: 2^18 sequential 4 KiB pages, one Map call each (split PT
+// lock taken and released per page), tables allocated on demand.
+func BenchmarkMap(b *testing.B) {
+	perPage(b, benchPages, emptyTable, func(tb *Table) {
+		for va := uint64(0); va < benchSpan; va += PageSize {
+			if err := tb.Map(va, NewPTE(va>>PageShift, Write|User)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkMapHuge: 512 sequential 2 MiB leaves, reported per leaf.
+func BenchmarkMapHuge(b *testing.B) {
+	perPage(b, benchSpan/HugeSize, emptyTable, func(tb *Table) {
+		for va := uint64(0); va < benchSpan; va += HugeSize {
+			if err := tb.MapHuge(va, NewPTE(va>>PageShift, Write|User)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkUnmap: 2^18 sequential 4 KiB pages, one Unmap call each.
+func BenchmarkUnmap(b *testing.B) {
+	perPage(b, benchPages, func() *Table { return mappedTable(b, false) }, func(tb *Table) {
+		for va := uint64(0); va < benchSpan; va += PageSize {
+			if _, err := tb.Unmap(va); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkUnmapHuge: 512 2 MiB leaves, one UnmapHuge call each.
+func BenchmarkUnmapHuge(b *testing.B) {
+	perPage(b, benchSpan/HugeSize, func() *Table { return mappedTable(b, true) }, func(tb *Table) {
+		for va := uint64(0); va < benchSpan; va += HugeSize {
+			if _, err := tb.UnmapHuge(va); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkMapRange: one MapRange call over 1 GiB, per page. Its B/op is
+// the table memory needed to map 1 GiB with 4 KiB pages; table-MiB/GiB
+// reports the same from the table's own accounting.
+func BenchmarkMapRange(b *testing.B) {
+	var bytes int64
+	perPage(b, benchPages, emptyTable, func(tb *Table) {
+		if err := tb.MapRange(0, benchSpan, NewPTE(0, Write|User)); err != nil {
+			b.Fatal(err)
+		}
+		bytes = tb.TableBytes()
+	})
+	b.ReportMetric(float64(bytes)/(1<<20), "table-MiB/GiB")
+}
+
+// BenchmarkUnmapRange: one UnmapRange call over 1 GiB populated, per page.
+func BenchmarkUnmapRange(b *testing.B) {
+	perPage(b, benchPages, func() *Table { return mappedTable(b, false) }, func(tb *Table) {
+		if n, err := tb.UnmapRange(0, benchSpan, nil); err != nil || n != benchPages {
+			b.Fatal(n, err)
+		}
+	})
+}
