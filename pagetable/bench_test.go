@@ -4,18 +4,8 @@ import (
 	"math/rand/v2"
 	"testing"
 
-	"github.com/gomm-dev/gomm/locks"
+	"github.com/gomm-dev/gomm/internal/testmain"
 )
-
-// withoutLockdep turns the lock-order checker off for one benchmark: the
-// tests in this binary run with it on, and it costs a stack capture per
-// lock operation.
-func withoutLockdep(b *testing.B) {
-	if locks.LockdepEnabled() {
-		locks.DisableLockdep()
-		b.Cleanup(locks.EnableLockdep)
-	}
-}
 
 // The benchmarks work on 1 GiB of address space: 2^18 4 KiB pages or 512
 // 2 MiB leaves. Per-page figures are reported as ns/page.
@@ -38,7 +28,7 @@ func randomVAs(span uint64, n int) []uint64 {
 
 func mappedTable(b *testing.B, huge bool) *Table {
 	b.Helper()
-	withoutLockdep(b)
+	testmain.WithoutLockdep(b)
 	tb := New(Options{})
 	if huge {
 		for va := uint64(0); va < benchSpan; va += HugeSize {
@@ -97,7 +87,7 @@ func BenchmarkWalkLockless(b *testing.B) {
 // BenchmarkWalkSetsAccessed: every walk finds the entry old and sets
 // Accessed by compare-and-swap, as after an aging pass.
 func BenchmarkWalkSetsAccessed(b *testing.B) {
-	withoutLockdep(b)
+	testmain.WithoutLockdep(b)
 	tb := New(Options{})
 	if err := tb.MapRange(0, HugeSize, NewPTE(0, Write|User)); err != nil {
 		b.Fatal(err)
@@ -119,7 +109,7 @@ func BenchmarkWalkSetsAccessed(b *testing.B) {
 // perPage runs op once per b.Loop iteration on a fresh table built by
 // setup (untimed) and reports the time per page.
 func perPage(b *testing.B, pages int, setup func() *Table, op func(*Table)) {
-	withoutLockdep(b)
+	testmain.WithoutLockdep(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		b.StopTimer()

@@ -36,17 +36,31 @@ func (t *Table) Range(start, end uint64, fns RangeFuncs) error {
 	if err := checkRange("range", start, end, PageSize); err != nil {
 		return err
 	}
-	last := end - 1
-	for gi, gEnd := pgdIndex(start), pgdIndex(last)+1; ; gi++ {
+	t.eachPMDTable(start, end-1, func(_ *pudTable, _ int, pmd *pmdTable, uBase, lo, hi uint64) bool {
+		return eachSlot(pmd, uBase, lo, hi, func(i int, base, lo, hi uint64) bool {
+			return t.visitSlot(pmd, i, base, pteIndex(lo), pteIndex(hi)+1, fns)
+		})
+	}, nil)
+	return nil
+}
+
+// eachPMDTable calls visit for every PMD table that covers part of
+// [lo, hi] (inclusive bounds, so the top of the address space can be
+// named), with the table's base and the part of the range inside it;
+// visit returns false to stop. After the PMD tables of one PUD table,
+// leavePUD (if not nil) is called with the PGD slot and base. Populated
+// slots are found through the bitmaps; nothing is locked.
+func (t *Table) eachPMDTable(lo, hi uint64, visit func(pud *pudTable, ui int, pmd *pmdTable, base, lo, hi uint64) bool, leavePUD func(gi int, base uint64)) {
+	for gi, gEnd := pgdIndex(lo), pgdIndex(hi)+1; ; gi++ {
 		if gi = t.pgd.present.next(gi, gEnd); gi == gEnd {
-			return nil
+			return
 		}
 		pud := t.pgd.next[gi].Load()
 		if pud == nil {
 			continue
 		}
 		gBase := sext(uint64(gi) << pgdShift)
-		gLo, gHi := max(start, gBase), min(last, gBase+pgdSize-1)
+		gLo, gHi := max(lo, gBase), min(hi, gBase+pgdSize-1)
 		for ui, uEnd := pudIndex(gLo), pudIndex(gHi)+1; ; ui++ {
 			if ui = pud.present.next(ui, uEnd); ui == uEnd {
 				break
@@ -56,17 +70,27 @@ func (t *Table) Range(start, end uint64, fns RangeFuncs) error {
 				continue
 			}
 			uBase := gBase + uint64(ui)<<pudShift
-			uLo, uHi := max(gLo, uBase), min(gHi, uBase+pudSize-1)
-			for mi, mEnd := pmdIndex(uLo), pmdIndex(uHi)+1; ; mi++ {
-				if mi = pmd.present.next(mi, mEnd); mi == mEnd {
-					break
-				}
-				mBase := uBase + uint64(mi)<<HugeShift
-				mLo, mHi := max(uLo, mBase), min(uHi, mBase+HugeSize-1)
-				if !t.visitSlot(pmd, mi, mBase, pteIndex(mLo), pteIndex(mHi)+1, fns) {
-					return nil
-				}
+			if !visit(pud, ui, pmd, uBase, max(gLo, uBase), min(gHi, uBase+pudSize-1)) {
+				return
 			}
+		}
+		if leavePUD != nil {
+			leavePUD(gi, gBase)
+		}
+	}
+}
+
+// eachSlot calls fn for every populated slot of pmd (based at base) that
+// covers part of [lo, hi], with the slot's base and the part inside it; fn
+// returns false to stop, and eachSlot then returns false.
+func eachSlot(pmd *pmdTable, base, lo, hi uint64, fn func(i int, base, lo, hi uint64) bool) bool {
+	for mi, mEnd := pmdIndex(lo), pmdIndex(hi)+1; ; mi++ {
+		if mi = pmd.present.next(mi, mEnd); mi == mEnd {
+			return true
+		}
+		mBase := base + uint64(mi)<<HugeShift
+		if !fn(mi, mBase, max(lo, mBase), min(hi, mBase+HugeSize-1)) {
+			return false
 		}
 	}
 }
@@ -177,43 +201,23 @@ func (t *Table) FreeEmpty(floor, ceiling uint64, freed []FreedTable) ([]FreedTab
 	}
 	last := ceiling - 1
 	inside := func(base, size uint64) bool { return base >= floor && base+size-1 <= last }
-	for gi, gEnd := pgdIndex(floor), pgdIndex(last)+1; ; gi++ {
-		if gi = t.pgd.present.next(gi, gEnd); gi == gEnd {
-			return freed, nil
+	t.eachPMDTable(floor, last, func(pud *pudTable, ui int, pmd *pmdTable, uBase, lo, hi uint64) bool {
+		eachSlot(pmd, uBase, lo, hi, func(i int, base, _, _ uint64) bool {
+			if inside(base, HugeSize) {
+				freed = t.freePTETable(pmd, i, base, freed)
+			}
+			return true
+		})
+		if inside(uBase, pudSize) {
+			freed = t.freePMDTable(pud, ui, uBase, freed)
 		}
-		pud := t.pgd.next[gi].Load()
-		if pud == nil {
-			continue
-		}
-		gBase := sext(uint64(gi) << pgdShift)
-		gLo, gHi := max(floor, gBase), min(last, gBase+pgdSize-1)
-		for ui, uEnd := pudIndex(gLo), pudIndex(gHi)+1; ; ui++ {
-			if ui = pud.present.next(ui, uEnd); ui == uEnd {
-				break
-			}
-			pmd := pud.next[ui].Load()
-			if pmd == nil {
-				continue
-			}
-			uBase := gBase + uint64(ui)<<pudShift
-			uLo, uHi := max(gLo, uBase), min(gHi, uBase+pudSize-1)
-			for mi, mEnd := pmdIndex(uLo), pmdIndex(uHi)+1; ; mi++ {
-				if mi = pmd.present.next(mi, mEnd); mi == mEnd {
-					break
-				}
-				mBase := uBase + uint64(mi)<<HugeShift
-				if inside(mBase, HugeSize) {
-					freed = t.freePTETable(pmd, mi, mBase, freed)
-				}
-			}
-			if inside(uBase, pudSize) {
-				freed = t.freePMDTable(pud, ui, uBase, freed)
-			}
-		}
+		return true
+	}, func(gi int, gBase uint64) {
 		if inside(gBase, pgdSize) {
 			freed = t.freePUDTable(gi, gBase, freed)
 		}
-	}
+	})
+	return freed, nil
 }
 
 func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTable) []FreedTable {

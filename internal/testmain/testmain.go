@@ -1,0 +1,45 @@
+// Package testmain is the TestMain every gomm package above locks uses:
+// the lock-order checker on for the whole run, failure on any lockdep
+// violation or leaked goroutine. Benchmarks turn the checker off with
+// WithoutLockdep.
+//
+// It has no kernel counterpart. (The locks package cannot use it: its
+// tests would import a package that imports locks.)
+package testmain
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/gomm-dev/gomm/locks"
+	"go.uber.org/goleak"
+)
+
+// Run is a TestMain body: lockdep on, m.Run, then fail the binary if the
+// checker recorded a violation or a goroutine outlived the tests.
+func Run(m *testing.M) {
+	locks.EnableLockdep()
+	code := m.Run()
+	if v, dropped := locks.LockdepViolations(); len(v) > 0 {
+		fmt.Fprintf(os.Stderr, "%d unexpected lockdep violations (%d more dropped); first:\n%v\n", len(v), dropped, v[0])
+		code = 1
+	}
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// WithoutLockdep turns the lock-order checker off for the rest of one
+// benchmark: the tests of the binary run with it on, and it costs a stack
+// capture per lock operation, which would swamp what is measured.
+func WithoutLockdep(b *testing.B) {
+	if locks.LockdepEnabled() {
+		locks.DisableLockdep()
+		b.Cleanup(locks.EnableLockdep)
+	}
+}
