@@ -51,15 +51,29 @@ type Stats struct {
 	BadStates uint64 // frames freed while mapped or locked
 }
 
+// chunkShift sizes the chunks in which frames are created: 16384 frames
+// (1 MiB of Frame structs, 64 MiB of RAM) at a time, when first needed, so
+// that a machine with a large RAM costs memory only for the part it uses.
+const (
+	chunkShift = 14
+	chunkSize  = 1 << chunkShift
+)
+
+type frameChunk [chunkSize]Frame
+
 // Allocator is the machine's physical memory: a fixed number of frames
-// (mm/page_alloc.c, with one zone and order-0 pages only).
+// (mm/page_alloc.c, with one zone and order-0 pages only). The Frame
+// structs themselves (the memmap) are created a chunk at a time on first
+// use.
 //
 // Alloc, Get, TryGet and Put are safe for concurrent use.
 type Allocator struct {
-	frames []Frame
+	nframes int
+	chunks  []atomic.Pointer[frameChunk] // created on first use, under mu
 
-	mu   sync.Mutex
-	free []uint32 // PFNs of free frames, a LIFO stack; protected by mu
+	mu    sync.Mutex
+	free  []uint32 // PFNs of freed frames, a LIFO stack; protected by mu
+	fresh int      // frames below this PFN have been handed out once; protected by mu
 
 	hookMu sync.Mutex                  // serialises OnFree registration
 	hooks  atomic.Pointer[[]hookEntry] // copy-on-write; read on every free
@@ -73,43 +87,69 @@ func New(frames int) (*Allocator, error) {
 	if frames <= 0 || uint64(frames) > MaxFrames {
 		return nil, fmt.Errorf("physmem: %d frames: %w", frames, ErrInvalid)
 	}
-	a := &Allocator{frames: make([]Frame, frames), free: make([]uint32, frames)}
-	for i := range a.frames {
-		f := &a.frames[i]
-		f.pfn = uint32(i)
-		f.data.Store(poisonData)
-		// The stack pops from the end: hand out low PFNs first.
-		a.free[frames-1-i] = uint32(i)
+	return &Allocator{
+		nframes: frames,
+		chunks:  make([]atomic.Pointer[frameChunk], (frames+chunkSize-1)/chunkSize),
+	}, nil
+}
+
+// frame returns the Frame of a valid pfn, creating its chunk if needed.
+func (a *Allocator) frame(pfn uint32) *Frame {
+	c := a.chunks[pfn>>chunkShift].Load()
+	if c == nil {
+		c = a.makeChunk(int(pfn >> chunkShift))
 	}
-	return a, nil
+	return &c[pfn&(chunkSize-1)]
+}
+
+func (a *Allocator) makeChunk(i int) *frameChunk {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if c := a.chunks[i].Load(); c != nil {
+		return c
+	}
+	c := new(frameChunk)
+	for j := range c {
+		c[j].pfn = uint32(i<<chunkShift + j)
+		c[j].data.Store(poisonData)
+	}
+	a.chunks[i].Store(c)
+	return c
 }
 
 // Frames returns the RAM size in frames.
-func (a *Allocator) Frames() int { return len(a.frames) }
+func (a *Allocator) Frames() int { return a.nframes }
 
 // Frame returns the frame with the given PFN (pfn_to_page), free or not.
 func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
-	if pfn >= PFN(len(a.frames)) {
-		return nil, fmt.Errorf("physmem: pfn %#x beyond %d frames: %w", pfn, len(a.frames), ErrInvalid)
+	if pfn >= PFN(a.nframes) {
+		return nil, fmt.Errorf("physmem: pfn %#x beyond %d frames: %w", pfn, a.nframes, ErrInvalid)
 	}
-	return &a.frames[pfn], nil
+	return a.frame(uint32(pfn)), nil
 }
 
 // Alloc takes a free frame, returning it with one reference, no flags, no
 // mapping and zero contents. Out of frames it returns ErrNoMem.
 func (a *Allocator) Alloc() (*Frame, error) {
 	a.mu.Lock()
-	n := len(a.free)
-	if n == 0 {
+	var pfn uint32
+	switch n := len(a.free); {
+	case n > 0:
+		// The most recently freed frame first: cache-hot, and the quickest
+		// to expose a stale translation to it.
+		pfn = a.free[n-1]
+		a.free = a.free[:n-1]
+	case a.fresh < a.nframes:
+		pfn = uint32(a.fresh)
+		a.fresh++
+	default:
 		a.mu.Unlock()
 		a.failures.Add(1)
-		return nil, fmt.Errorf("physmem: all %d frames in use: %w", len(a.frames), ErrNoMem)
+		return nil, fmt.Errorf("physmem: all %d frames in use: %w", a.nframes, ErrNoMem)
 	}
-	pfn := a.free[n-1]
-	a.free = a.free[:n-1]
 	a.mu.Unlock()
 
-	f := &a.frames[pfn]
+	f := a.frame(pfn)
 	f.data.Store(nil)
 	f.refcount.Store(1)
 	a.allocs.Add(1)
@@ -219,10 +259,10 @@ func (a *Allocator) OnFree(fn FreeHook) (remove func()) {
 // Stats returns a snapshot of the allocator's counters.
 func (a *Allocator) Stats() Stats {
 	a.mu.Lock()
-	free := len(a.free)
+	free := len(a.free) + a.nframes - a.fresh
 	a.mu.Unlock()
 	return Stats{
-		Frames:    len(a.frames),
+		Frames:    a.nframes,
 		Free:      free,
 		Allocs:    a.allocs.Load(),
 		Frees:     a.frees.Load(),

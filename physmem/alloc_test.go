@@ -204,3 +204,26 @@ func TestConcurrentGetPut(t *testing.T) {
 	assert.Equal(t, st.Allocs, st.Frees)
 	assert.Zero(t, st.BadPuts)
 }
+
+// TestHugeRAMCostsOnlyWhatIsUsed: the memmap is created a chunk at a time,
+// so a 16 TiB machine is as cheap to make as a small one.
+func TestHugeRAMCostsOnlyWhatIsUsed(t *testing.T) {
+	a := newAlloc(t, MaxFrames)
+	f, err := a.Alloc()
+	require.NoError(t, err)
+	assert.Equal(t, PFN(0), f.PFN())
+	last, err := a.Frame(MaxFrames - 1)
+	require.NoError(t, err)
+	assert.Equal(t, PFN(MaxFrames-1), last.PFN())
+	assert.True(t, last.IsFree())
+	assert.Equal(t, MaxFrames-1, a.Stats().Free)
+	_, err = New(MaxFrames + 1)
+	assert.ErrorIs(t, err, ErrInvalid)
+	created := 0
+	for i := range a.chunks {
+		if a.chunks[i].Load() != nil {
+			created++
+		}
+	}
+	assert.Equal(t, 2, created)
+}
