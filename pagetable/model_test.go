@@ -409,7 +409,7 @@ func FuzzTable(f *testing.F) {
 			return nil
 		}})
 		for len(prog) >= 25 {
-			op := prog[0] % 9
+			op := prog[0] % 12
 			a := binary.BigEndian.Uint64(prog[1:9])
 			b := binary.BigEndian.Uint64(prog[9:17])
 			e := PTE(binary.BigEndian.Uint64(prog[17:25]))
@@ -442,6 +442,14 @@ func FuzzTable(f *testing.F) {
 				if tr.Fault == FaultPoisoned {
 					t.Fatalf("walk read poison")
 				}
+			case 9:
+				if got, _ := tb.Lookup(a); got.IsPoison() {
+					t.Fatalf("lookup read poison")
+				}
+			case 10:
+				err = tb.Populate(a, Level(b%5))
+			case 11:
+				err = tb.Range(a, b, RangeFuncs{PMD: func(s PMDSlot) bool { return s.Get() != 0 }})
 			}
 			if err != nil {
 				if !errors.Is(err, ErrInvalid) && !errors.Is(err, ErrExist) && !errors.Is(err, ErrBusy) && !errors.Is(err, ErrNoMem) {
