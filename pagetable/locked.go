@@ -187,11 +187,12 @@ func (s PMDSlot) Get() PTE { return PTE(s.pmd.entries[s.slot].Load()) }
 // HasTable reports whether the slot holds a PTE table.
 func (s PMDSlot) HasTable() bool { return s.pmd.next[s.slot].Load() != nil }
 
-// Set replaces the PMD entry and returns the old one (set_pmd_at). A
-// present e must be a huge leaf, and the slot must not hold a PTE table:
-// otherwise ErrInvalid or ErrBusy, and nothing changes.
+// Set replaces the PMD entry and returns the old one (set_pmd_at). e must
+// be none, a huge leaf or a swap-format entry (a PMD migration entry), and
+// the slot must not hold a PTE table: otherwise ErrInvalid or ErrBusy, and
+// nothing changes.
 func (s PMDSlot) Set(e PTE) (PTE, error) {
-	if e.IsPresent() && !e.IsHuge() {
+	if e != 0 && !e.IsHuge() && !e.IsSwap() {
 		return 0, fmt.Errorf("pagetable: PMD entry %v is not a huge leaf: %w", e, ErrInvalid)
 	}
 	if s.HasTable() {
