@@ -515,7 +515,9 @@ func (c *CPU) CachedPFN(pfn uint64) (string, bool) {
 	return "", false
 }
 
-// StaleTranslations implements check.RangeCache.
+// StaleTranslations implements check.RangeCache. An entry cached clean
+// does not allow a write by itself: the write walks the table again to set
+// Dirty and sees the current rights.
 func (c *CPU) StaleTranslations(space, start, end uint64, before check.Stamp, writeOnly bool) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -525,7 +527,7 @@ func (c *CPU) StaleTranslations(space, start, end uint64, before check.Stamp, wr
 	var out []string
 	stale := func(e *entry, lo, hi uint64) bool {
 		return e.ctx != nil && lo < end && hi > start && e.stamp < before &&
-			(!writeOnly || e.pte.IsWritable())
+			(!writeOnly || permits(e.pte, pagetable.AccessWrite))
 	}
 	for i := range c.sets {
 		for w := range c.sets[i] {

@@ -1,0 +1,262 @@
+package tlb_test
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/tlb"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// warm loads every page of [start, end) on cpu so its TLB holds them.
+func warm(t *testing.T, cpu *tlb.CPU, start, end uint64) {
+	t.Helper()
+	for va := start; va < end; va += pagetable.PageSize {
+		_, err := cpu.Load64(va)
+		require.NoError(t, err)
+	}
+}
+
+func cached(cpu *tlb.CPU, pfn uint64) bool {
+	_, ok := cpu.CachedPFN(pfn)
+	return ok
+}
+
+func TestFlushRangeSendsIPIsOnlyToTheMask(t *testing.T) {
+	r := newRig(t, 4, tlb.LazyRefcount)
+	a, b := r.newSpace(), r.newSpace()
+	f := a.mapPage(0x1000, rwu, 0)
+	r.sys.CPU(0).Switch(tlb.NewUserTask("a0", a.ctx))
+	r.sys.CPU(1).Switch(tlb.NewUserTask("a1", a.ctx))
+	r.sys.CPU(2).Switch(tlb.NewUserTask("b", b.ctx))
+	warm(t, r.sys.CPU(0), 0x1000, 0x2000)
+	warm(t, r.sys.CPU(1), 0x1000, 0x2000)
+	assert.Equal(t, []int{0, 1}, a.ctx.CPUs())
+
+	r.sys.FlushRange(a.ctx, 0x1000, 0x2000, pagetable.PageShift, false)
+	st := r.sys.Stats()
+	assert.Equal(t, uint64(2), st.IPIs, "CPUs 2 and 3 never loaded the mm")
+	assert.Equal(t, uint64(2), st.PartialFlushes)
+	assert.Equal(t, uint64(2), st.PagesFlushed)
+	assert.False(t, cached(r.sys.CPU(0), uint64(f.PFN())))
+	assert.False(t, cached(r.sys.CPU(1), uint64(f.PFN())))
+
+	// CPU 1 moves to mm b: it leaves a's mask.
+	r.sys.CPU(1).Switch(tlb.NewUserTask("b1", b.ctx))
+	assert.Equal(t, []int{0}, a.ctx.CPUs())
+	assert.ElementsMatch(t, []int{1, 2}, b.ctx.CPUs())
+}
+
+func TestFlushFullVersusPartial(t *testing.T) {
+	tests := []struct {
+		name          string
+		pages         uint64
+		pendingBefore int // flush requests the CPU has not seen yet
+		full, partial uint64
+	}{
+		{"one page", 1, 0, 0, 1},
+		{"at the ceiling", tlb.FlushCeiling, 0, 0, 1},
+		{"above the ceiling", tlb.FlushCeiling + 1, 0, 1, 0},
+		{"two generations behind", 1, 1, 1, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, 2, tlb.LazyRefcount)
+			a := r.newSpace()
+			cpu := r.sys.CPU(1)
+			cpu.Switch(tlb.NewUserTask("a", a.ctx))
+			// CPU 0 runs the mm too but is lazy, so it skips flushes:
+			r.sys.CPU(0).Switch(tlb.NewUserTask("a0", a.ctx))
+			r.sys.CPU(0).Switch(tlb.NewKernelThread("k"))
+			for range tc.pendingBefore {
+				// A concurrent request whose IPI CPU 1 has not handled yet.
+				tlb.BumpGen(a.ctx)
+			}
+			before := r.sys.Stats()
+			r.sys.FlushRange(a.ctx, 0x10000, 0x10000+tc.pages<<pagetable.PageShift, pagetable.PageShift, false)
+			st := r.sys.Stats()
+			assert.Equal(t, tc.full, st.FullFlushes-before.FullFlushes)
+			assert.Equal(t, tc.partial, st.PartialFlushes-before.PartialFlushes)
+			assert.Equal(t, uint64(1), st.LazySkipped-before.LazySkipped, "the lazy CPU is skipped")
+		})
+	}
+}
+
+func TestLazyCPUSkipsFlushesAndCatchesUp(t *testing.T) {
+	r := newRig(t, 1, tlb.LazyRefcount)
+	a := r.newSpace()
+	f := a.mapPage(0x1000, rwu, 3)
+	cpu := r.sys.CPU(0)
+	user := tlb.NewUserTask("a", a.ctx)
+	cpu.Switch(user)
+	warm(t, cpu, 0x1000, 0x2000)
+	cpu.Switch(tlb.NewKernelThread("kworker"))
+	ctx, lazy := cpu.ActiveMM()
+	assert.Same(t, a.ctx, ctx)
+	assert.True(t, lazy)
+
+	// The page is unmapped and freed while the CPU is lazy: no IPI, and
+	// the checker does not count the lazy CPU's entry, which it cannot
+	// use before it catches up.
+	a.unmapPage(0x1000, true)
+	assert.Equal(t, uint64(1), r.sys.Stats().LazySkipped)
+	assert.Zero(t, r.sys.Stats().IPIs)
+	assert.Empty(t, r.violations())
+	assert.False(t, cached(cpu, uint64(f.PFN())))
+
+	before := r.sys.Stats().FullFlushes
+	cpu.Switch(user)
+	assert.Equal(t, before+1, r.sys.Stats().FullFlushes, "catching up on the switch back is a full flush")
+	_, err := cpu.Load64(0x1000) // faults in a fresh page, not the stale frame
+	require.NoError(t, err)
+}
+
+func TestLazyCPULeavesOnFreedTables(t *testing.T) {
+	r := newRig(t, 1, tlb.LazyRefcount)
+	a := r.newSpace()
+	cpu := r.sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("a", a.ctx))
+	cpu.Switch(tlb.NewKernelThread("k"))
+	count := a.ctx.Count()
+	r.sys.FlushRange(a.ctx, 0, tlb.FlushAll, pagetable.PageShift, true)
+	ctx, _ := cpu.ActiveMM()
+	assert.Nil(t, ctx, "a lazy CPU drops an mm whose page tables are being freed")
+	assert.Equal(t, uint64(1), r.sys.Stats().IPIs)
+	assert.Empty(t, a.ctx.CPUs())
+	assert.Equal(t, count-1, a.ctx.Count(), "and its lazy reference")
+}
+
+// exitScenario runs the lazy-TLB life of an mm: a user task runs it, the
+// CPU switches to a kernel thread (lazy), the mm exits (its users' mm_count
+// reference is dropped), and later the CPU runs another mm.
+func exitScenario(t *testing.T, mode tlb.LazyMode) (*rig, *space) {
+	r := newRig(t, 2, mode)
+	a, b := r.newSpace(), r.newSpace()
+	for _, cpu := range r.sys.CPUs() {
+		cpu.Switch(tlb.NewUserTask("a", a.ctx))
+		cpu.Switch(tlb.NewKernelThread("k"))
+	}
+	a.ctx.Drop() // exit: the last user is gone
+	for _, cpu := range r.sys.CPUs() {
+		cpu.Switch(tlb.NewUserTask("b", b.ctx))
+	}
+	return r, a
+}
+
+func TestLazyRefcountKeepsTheMMUntilLazyCPUsLeave(t *testing.T) {
+	r, a := exitScenario(t, tlb.LazyRefcount)
+	assert.True(t, a.freed)
+	assert.True(t, a.ctx.Freed())
+	assert.Empty(t, r.violations())
+	st := r.sys.Stats()
+	// One grab and one drop per lazy switch, plus the exit's drop.
+	assert.Equal(t, uint64(5), st.CountOps)
+	assert.Zero(t, st.ShootdownIPIs)
+}
+
+func TestShootLaziesIPIsLazyCPUsAtTheFinalDrop(t *testing.T) {
+	r, a := exitScenario(t, tlb.LazyShootdown)
+	assert.True(t, a.freed)
+	assert.Empty(t, r.violations())
+	st := r.sys.Stats()
+	assert.Equal(t, uint64(1), st.CountOps, "lazy switches take no references")
+	assert.Equal(t, uint64(2), st.ShootdownIPIs)
+}
+
+// TestMembarrierNeverMissesAUserCPU: a CPU that runs a user task of the
+// mm for the whole of a membarrier call must be interrupted, including
+// after it went user -> kernel thread -> user of the same mm (the Dec
+// 2020 lazy-TLB/membarrier thread); a CPU that only holds the mm lazily
+// is not.
+func TestMembarrierNeverMissesAUserCPU(t *testing.T) {
+	r := newRig(t, 2, tlb.LazyRefcount)
+	a := r.newSpace()
+	user, kthread := tlb.NewUserTask("a", a.ctx), tlb.NewKernelThread("k")
+	cpu := r.sys.CPU(1)
+	inUser, done := make(chan struct{}), make(chan struct{})
+	var missed, spurious atomic.Int64
+	var wg sync.WaitGroup
+	rounds := 500
+	wg.Go(func() {
+		for range rounds {
+			cpu.Switch(user)
+			before := cpu.Barriers()
+			inUser <- struct{}{}
+			<-done // a membarrier ran entirely while we were in user mode
+			if cpu.Barriers() == before {
+				missed.Add(1)
+			}
+			cpu.Switch(kthread)
+			lazyBefore := cpu.Barriers()
+			inUser <- struct{}{}
+			<-done // one ran while we were a kernel thread
+			if cpu.Barriers() != lazyBefore {
+				spurious.Add(1)
+			}
+		}
+	})
+	for range 2 * rounds {
+		<-inUser
+		r.sys.Membarrier(a.ctx)
+		done <- struct{}{}
+	}
+	wg.Wait()
+	assert.Zero(t, missed.Load())
+	assert.Zero(t, spurious.Load())
+	assert.Equal(t, uint64(rounds), r.sys.Stats().MembarrierIPIs)
+}
+
+// TestConcurrentAccessUnmapAndFree has two CPUs loading and storing over a
+// set of pages while another goroutine keeps unmapping, flushing, freeing
+// and remapping them: the checker must stay silent, and a CPU must never
+// read a freed frame's poison.
+func TestConcurrentAccessUnmapAndFree(t *testing.T) {
+	const pages = 16
+	r := newRig(t, 2, tlb.LazyRefcount)
+	a := r.newSpace()
+	for i := range uint64(pages) {
+		a.mapPage(0x100000+i<<pagetable.PageShift, rwu, 0)
+	}
+	var stop atomic.Bool
+	var poisoned atomic.Int64
+	var wg sync.WaitGroup
+	for _, cpu := range r.sys.CPUs() {
+		wg.Go(func() {
+			cpu.Switch(tlb.NewUserTask("t", a.ctx))
+			for i := uint64(0); !stop.Load(); i++ {
+				va := 0x100000 + (i%pages)<<pagetable.PageShift + uint64(cpu.ID())*8
+				v, err := cpu.Load64(va)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if v == 0x6b6b6b6b6b6b6b6b {
+					poisoned.Add(1)
+				}
+				if err := cpu.Store64(va, i); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	for i := range iterationsFor(2000, 300) {
+		va := 0x100000 + uint64(i%pages)<<pagetable.PageShift
+		a.unmapPage(va, true)
+	}
+	stop.Store(true)
+	wg.Wait()
+	assert.Empty(t, r.violations())
+	assert.Zero(t, poisoned.Load(), "a CPU read a freed frame")
+	assert.Positive(t, r.chk.Checks())
+}
+
+func iterationsFor(full, short int) int {
+	if testing.Short() {
+		return short
+	}
+	return full
+}
