@@ -1,6 +1,7 @@
 package tlb_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testrig"
 	"testing"
 
 	"github.com/gomm-dev/gomm/errno"
@@ -37,11 +38,11 @@ func TestNewSystemValidates(t *testing.T) {
 }
 
 func TestTranslateHitMissAndDirty(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	s := r.newSpace()
-	f := s.mapPage(0x10000, rwu, 7)
-	cpu := r.sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("a", s.ctx))
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	f := s.MapPage(0x10000, testrig.RWU, 7)
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("a", s.Ctx))
 
 	pfn, err := cpu.Translate(0x10008, pagetable.AccessRead)
 	require.NoError(t, err)
@@ -51,7 +52,7 @@ func TestTranslateHitMissAndDirty(t *testing.T) {
 	hits, misses := cpu.Stats()
 	assert.Equal(t, [2]uint64{1, 1}, [2]uint64{hits, misses}, "a miss fills, the next access hits")
 
-	e, _ := s.table.Lookup(0x10000)
+	e, _ := s.Table.Lookup(0x10000)
 	assert.True(t, e.IsYoung())
 	assert.False(t, e.IsDirty(), "a read does not dirty")
 
@@ -59,7 +60,7 @@ func TestTranslateHitMissAndDirty(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint64(7), v)
 	require.NoError(t, cpu.Store64(0x10000, 9))
-	e, _ = s.table.Lookup(0x10000)
+	e, _ = s.Table.Lookup(0x10000)
 	assert.True(t, e.IsDirty(), "a write through a clean entry walks again and sets Dirty")
 	_, misses = cpu.Stats()
 	assert.Equal(t, uint64(2), misses)
@@ -68,21 +69,21 @@ func TestTranslateHitMissAndDirty(t *testing.T) {
 }
 
 func TestAccessesFaultInAndTypedErrors(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	s := r.newSpace()
-	cpu := r.sys.CPU(0)
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	cpu := r.Sys.CPU(0)
 	_, err := cpu.Load64(0x2000)
 	assert.ErrorIs(t, err, tlb.ErrFault, "the idle thread has no user mm")
 	var pf *tlb.PageFault
 	require.ErrorAs(t, err, &pf)
 	assert.Equal(t, pagetable.FaultNotPresent, pf.Fault)
 
-	cpu.Switch(tlb.NewUserTask("a", s.ctx))
+	cpu.Switch(tlb.NewUserTask("a", s.Ctx))
 	require.NoError(t, cpu.Store64(0x2000, 42), "demand fault through the handler")
 	v, err := cpu.Load64(0x2000)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(42), v)
-	assert.Equal(t, uint64(1), r.sys.Stats().Faults)
+	assert.Equal(t, uint64(1), r.Sys.Stats().Faults)
 
 	assert.ErrorIs(t, cpu.Store64(0x2001, 1), errno.ErrInvalid)
 	_, err = cpu.Load64(1 << 47)
@@ -99,19 +100,19 @@ func TestAccessesFaultInAndTypedErrors(t *testing.T) {
 	assert.Equal(t, byte(0xab), b)
 	assert.ErrorIs(t, cpu.Write(^uint64(0)-2, msg), errno.ErrInvalid)
 
-	require.NoError(t, s.table.Map(0x9000, pagetable.NewPTE(1, pagetable.User)))
+	require.NoError(t, s.Table.Map(0x9000, pagetable.NewPTE(1, pagetable.User)))
 	assert.ErrorIs(t, cpu.Store64(0x9000, 1), tlb.ErrFault, "write to a read-only page the handler refuses")
 }
 
 func TestProtectionUpgradeNeedsNoFlush(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	s := r.newSpace()
-	s.mapPage(0x4000, pagetable.User, 1)
-	cpu := r.sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("a", s.ctx))
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	s.MapPage(0x4000, pagetable.User, 1)
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("a", s.Ctx))
 	_, err := cpu.Load64(0x4000)
 	require.NoError(t, err)
-	pt, _, _ := s.table.LockPTE(0x4000)
+	pt, _, _ := s.Table.LockPTE(0x4000)
 	i := pt.Index(0x4000)
 	pt.Set(i, pt.Get(i).With(pagetable.Write))
 	pt.Unlock()
@@ -119,11 +120,11 @@ func TestProtectionUpgradeNeedsNoFlush(t *testing.T) {
 }
 
 func TestHugeEntries(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	s := r.newSpace()
-	require.NoError(t, s.table.MapHuge(0x20_0000, pagetable.NewPTE(512, rwu)))
-	cpu := r.sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("a", s.ctx))
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	require.NoError(t, s.Table.MapHuge(0x20_0000, pagetable.NewPTE(512, testrig.RWU)))
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("a", s.Ctx))
 	pfn, err := cpu.Translate(0x20_3000, pagetable.AccessRead)
 	require.NoError(t, err)
 	assert.Equal(t, uint64(515), pfn)
@@ -142,16 +143,16 @@ func TestHugeEntries(t *testing.T) {
 // must stay quiet when the flush is done.
 func TestCheckerCatchesAMissingFlush(t *testing.T) {
 	for _, flush := range []bool{true, false} {
-		r := newRig(t, 2, tlb.LazyRefcount)
-		s := r.newSpace()
-		s.mapPage(0x1000, rwu, 1)
-		for _, cpu := range r.sys.CPUs() {
-			cpu.Switch(tlb.NewUserTask("t", s.ctx))
+		r := testrig.New(t, 2, tlb.LazyRefcount)
+		s := r.NewSpace()
+		s.MapPage(0x1000, testrig.RWU, 1)
+		for _, cpu := range r.Sys.CPUs() {
+			cpu.Switch(tlb.NewUserTask("t", s.Ctx))
 			_, err := cpu.Load64(0x1000)
 			require.NoError(t, err)
 		}
-		s.unmapPage(0x1000, flush)
-		v := r.violations()
+		s.UnmapPage(0x1000, flush)
+		v := r.Violations()
 		if flush {
 			assert.Empty(t, v)
 			continue
@@ -163,35 +164,35 @@ func TestCheckerCatchesAMissingFlush(t *testing.T) {
 }
 
 func TestStaleTranslationsAfterDowngrade(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	s := r.newSpace()
-	s.mapPage(0x1000, rwu, 1)
-	s.mapPage(0x2000, rwu, 1)
-	cpu := r.sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("t", s.ctx))
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	s.MapPage(0x1000, testrig.RWU, 1)
+	s.MapPage(0x2000, testrig.RWU, 1)
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("t", s.Ctx))
 	require.NoError(t, cpu.Store64(0x1000, 1))
 	_, err := cpu.Load64(0x2000)
 	require.NoError(t, err)
 
-	since := r.chk.BeginDowngrade()
+	since := r.Chk.BeginDowngrade()
 	// Write-protect both pages but "forget" the flush.
-	pt, _, _ := s.table.LockPTE(0x1000)
+	pt, _, _ := s.Table.LockPTE(0x1000)
 	pt.WriteProtect(1)
 	pt.WriteProtect(2)
 	pt.Unlock()
-	r.chk.EndDowngrade("mprotect", s.ctx.ID(), 0x1000, 0x3000, since, true)
-	v := r.violations()
+	r.Chk.EndDowngrade("mprotect", s.Ctx.ID(), 0x1000, 0x3000, since, true)
+	v := r.Violations()
 	require.Len(t, v, 1, "only the entry cached writable allows the revoked access")
 	assert.Equal(t, check.StaleAfterDowngrade, v[0].Kind)
 	assert.Contains(t, v[0].Detail, "va 0x1000")
 
-	r.sys.FlushRange(s.ctx, 0x1000, 0x3000, pagetable.PageShift, false)
-	since = r.chk.BeginDowngrade()
-	r.chk.EndDowngrade("mprotect", s.ctx.ID(), 0x1000, 0x3000, since, true)
-	assert.Len(t, r.violations(), 1, "after the flush nothing is stale")
+	r.Sys.FlushRange(s.Ctx, 0x1000, 0x3000, pagetable.PageShift, false)
+	since = r.Chk.BeginDowngrade()
+	r.Chk.EndDowngrade("mprotect", s.Ctx.ID(), 0x1000, 0x3000, since, true)
+	assert.Len(t, r.Violations(), 1, "after the flush nothing is stale")
 
 	_, err = cpu.Load64(0x2000) // refilled after the downgrade began: not stale
 	require.NoError(t, err)
-	r.chk.EndDowngrade("munmap", s.ctx.ID(), 0x1000, 0x3000, since, false)
-	assert.Len(t, r.violations(), 1)
+	r.Chk.EndDowngrade("munmap", s.Ctx.ID(), 0x1000, 0x3000, since, false)
+	assert.Len(t, r.Violations(), 1)
 }

@@ -1,6 +1,7 @@
 package tlb_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testrig"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -26,28 +27,28 @@ func cached(cpu *tlb.CPU, pfn uint64) bool {
 }
 
 func TestFlushRangeSendsIPIsOnlyToTheMask(t *testing.T) {
-	r := newRig(t, 4, tlb.LazyRefcount)
-	a, b := r.newSpace(), r.newSpace()
-	f := a.mapPage(0x1000, rwu, 0)
-	r.sys.CPU(0).Switch(tlb.NewUserTask("a0", a.ctx))
-	r.sys.CPU(1).Switch(tlb.NewUserTask("a1", a.ctx))
-	r.sys.CPU(2).Switch(tlb.NewUserTask("b", b.ctx))
-	warm(t, r.sys.CPU(0), 0x1000, 0x2000)
-	warm(t, r.sys.CPU(1), 0x1000, 0x2000)
-	assert.Equal(t, []int{0, 1}, a.ctx.CPUs())
+	r := testrig.New(t, 4, tlb.LazyRefcount)
+	a, b := r.NewSpace(), r.NewSpace()
+	f := a.MapPage(0x1000, testrig.RWU, 0)
+	r.Sys.CPU(0).Switch(tlb.NewUserTask("a0", a.Ctx))
+	r.Sys.CPU(1).Switch(tlb.NewUserTask("a1", a.Ctx))
+	r.Sys.CPU(2).Switch(tlb.NewUserTask("b", b.Ctx))
+	warm(t, r.Sys.CPU(0), 0x1000, 0x2000)
+	warm(t, r.Sys.CPU(1), 0x1000, 0x2000)
+	assert.Equal(t, []int{0, 1}, a.Ctx.CPUs())
 
-	r.sys.FlushRange(a.ctx, 0x1000, 0x2000, pagetable.PageShift, false)
-	st := r.sys.Stats()
+	r.Sys.FlushRange(a.Ctx, 0x1000, 0x2000, pagetable.PageShift, false)
+	st := r.Sys.Stats()
 	assert.Equal(t, uint64(2), st.IPIs, "CPUs 2 and 3 never loaded the mm")
 	assert.Equal(t, uint64(2), st.PartialFlushes)
 	assert.Equal(t, uint64(2), st.PagesFlushed)
-	assert.False(t, cached(r.sys.CPU(0), uint64(f.PFN())))
-	assert.False(t, cached(r.sys.CPU(1), uint64(f.PFN())))
+	assert.False(t, cached(r.Sys.CPU(0), uint64(f.PFN())))
+	assert.False(t, cached(r.Sys.CPU(1), uint64(f.PFN())))
 
 	// CPU 1 moves to mm b: it leaves a's mask.
-	r.sys.CPU(1).Switch(tlb.NewUserTask("b1", b.ctx))
-	assert.Equal(t, []int{0}, a.ctx.CPUs())
-	assert.ElementsMatch(t, []int{1, 2}, b.ctx.CPUs())
+	r.Sys.CPU(1).Switch(tlb.NewUserTask("b1", b.Ctx))
+	assert.Equal(t, []int{0}, a.Ctx.CPUs())
+	assert.ElementsMatch(t, []int{1, 2}, b.Ctx.CPUs())
 }
 
 func TestFlushFullVersusPartial(t *testing.T) {
@@ -64,20 +65,20 @@ func TestFlushFullVersusPartial(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRig(t, 2, tlb.LazyRefcount)
-			a := r.newSpace()
-			cpu := r.sys.CPU(1)
-			cpu.Switch(tlb.NewUserTask("a", a.ctx))
+			r := testrig.New(t, 2, tlb.LazyRefcount)
+			a := r.NewSpace()
+			cpu := r.Sys.CPU(1)
+			cpu.Switch(tlb.NewUserTask("a", a.Ctx))
 			// CPU 0 runs the mm too but is lazy, so it skips flushes:
-			r.sys.CPU(0).Switch(tlb.NewUserTask("a0", a.ctx))
-			r.sys.CPU(0).Switch(tlb.NewKernelThread("k"))
+			r.Sys.CPU(0).Switch(tlb.NewUserTask("a0", a.Ctx))
+			r.Sys.CPU(0).Switch(tlb.NewKernelThread("k"))
 			for range tc.pendingBefore {
 				// A concurrent request whose IPI CPU 1 has not handled yet.
-				tlb.BumpGen(a.ctx)
+				tlb.BumpGen(a.Ctx)
 			}
-			before := r.sys.Stats()
-			r.sys.FlushRange(a.ctx, 0x10000, 0x10000+tc.pages<<pagetable.PageShift, pagetable.PageShift, false)
-			st := r.sys.Stats()
+			before := r.Sys.Stats()
+			r.Sys.FlushRange(a.Ctx, 0x10000, 0x10000+tc.pages<<pagetable.PageShift, pagetable.PageShift, false)
+			st := r.Sys.Stats()
 			assert.Equal(t, tc.full, st.FullFlushes-before.FullFlushes)
 			assert.Equal(t, tc.partial, st.PartialFlushes-before.PartialFlushes)
 			assert.Equal(t, uint64(1), st.LazySkipped-before.LazySkipped, "the lazy CPU is skipped")
@@ -86,72 +87,72 @@ func TestFlushFullVersusPartial(t *testing.T) {
 }
 
 func TestLazyCPUSkipsFlushesAndCatchesUp(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	a := r.newSpace()
-	f := a.mapPage(0x1000, rwu, 3)
-	cpu := r.sys.CPU(0)
-	user := tlb.NewUserTask("a", a.ctx)
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	a := r.NewSpace()
+	f := a.MapPage(0x1000, testrig.RWU, 3)
+	cpu := r.Sys.CPU(0)
+	user := tlb.NewUserTask("a", a.Ctx)
 	cpu.Switch(user)
 	warm(t, cpu, 0x1000, 0x2000)
 	cpu.Switch(tlb.NewKernelThread("kworker"))
 	ctx, lazy := cpu.ActiveMM()
-	assert.Same(t, a.ctx, ctx)
+	assert.Same(t, a.Ctx, ctx)
 	assert.True(t, lazy)
 
 	// The page is unmapped and freed while the CPU is lazy: no IPI, and
 	// the checker does not count the lazy CPU's entry, which it cannot
 	// use before it catches up.
-	a.unmapPage(0x1000, true)
-	assert.Equal(t, uint64(1), r.sys.Stats().LazySkipped)
-	assert.Zero(t, r.sys.Stats().IPIs)
-	assert.Empty(t, r.violations())
+	a.UnmapPage(0x1000, true)
+	assert.Equal(t, uint64(1), r.Sys.Stats().LazySkipped)
+	assert.Zero(t, r.Sys.Stats().IPIs)
+	assert.Empty(t, r.Violations())
 	assert.False(t, cached(cpu, uint64(f.PFN())))
 
-	before := r.sys.Stats().FullFlushes
+	before := r.Sys.Stats().FullFlushes
 	cpu.Switch(user)
-	assert.Equal(t, before+1, r.sys.Stats().FullFlushes, "catching up on the switch back is a full flush")
+	assert.Equal(t, before+1, r.Sys.Stats().FullFlushes, "catching up on the switch back is a full flush")
 	_, err := cpu.Load64(0x1000) // faults in a fresh page, not the stale frame
 	require.NoError(t, err)
 }
 
 func TestLazyCPULeavesOnFreedTables(t *testing.T) {
-	r := newRig(t, 1, tlb.LazyRefcount)
-	a := r.newSpace()
-	cpu := r.sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("a", a.ctx))
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	a := r.NewSpace()
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("a", a.Ctx))
 	cpu.Switch(tlb.NewKernelThread("k"))
-	count := a.ctx.Count()
-	r.sys.FlushRange(a.ctx, 0, tlb.FlushAll, pagetable.PageShift, true)
+	count := a.Ctx.Count()
+	r.Sys.FlushRange(a.Ctx, 0, tlb.FlushAll, pagetable.PageShift, true)
 	ctx, _ := cpu.ActiveMM()
 	assert.Nil(t, ctx, "a lazy CPU drops an mm whose page tables are being freed")
-	assert.Equal(t, uint64(1), r.sys.Stats().IPIs)
-	assert.Empty(t, a.ctx.CPUs())
-	assert.Equal(t, count-1, a.ctx.Count(), "and its lazy reference")
+	assert.Equal(t, uint64(1), r.Sys.Stats().IPIs)
+	assert.Empty(t, a.Ctx.CPUs())
+	assert.Equal(t, count-1, a.Ctx.Count(), "and its lazy reference")
 }
 
 // exitScenario runs the lazy-TLB life of an mm: a user task runs it, the
 // CPU switches to a kernel thread (lazy), the mm exits (its users' mm_count
 // reference is dropped), and later the CPU runs another mm.
-func exitScenario(t *testing.T, mode tlb.LazyMode) (*rig, *space) {
-	r := newRig(t, 2, mode)
-	a, b := r.newSpace(), r.newSpace()
-	for _, cpu := range r.sys.CPUs() {
-		cpu.Switch(tlb.NewUserTask("a", a.ctx))
+func exitScenario(t *testing.T, mode tlb.LazyMode) (*testrig.Rig, *testrig.Space) {
+	r := testrig.New(t, 2, mode)
+	a, b := r.NewSpace(), r.NewSpace()
+	for _, cpu := range r.Sys.CPUs() {
+		cpu.Switch(tlb.NewUserTask("a", a.Ctx))
 		cpu.Switch(tlb.NewKernelThread("k"))
 	}
-	a.ctx.Drop() // exit: the last user is gone
-	for _, cpu := range r.sys.CPUs() {
-		cpu.Switch(tlb.NewUserTask("b", b.ctx))
+	a.Ctx.Drop() // exit: the last user is gone
+	for _, cpu := range r.Sys.CPUs() {
+		cpu.Switch(tlb.NewUserTask("b", b.Ctx))
 	}
 	return r, a
 }
 
 func TestLazyRefcountKeepsTheMMUntilLazyCPUsLeave(t *testing.T) {
 	r, a := exitScenario(t, tlb.LazyRefcount)
-	assert.True(t, a.freed)
-	assert.True(t, a.ctx.Freed())
-	assert.Empty(t, r.violations())
-	st := r.sys.Stats()
+	assert.True(t, a.Freed)
+	assert.True(t, a.Ctx.Freed())
+	assert.Empty(t, r.Violations())
+	st := r.Sys.Stats()
 	// One grab and one drop per lazy switch, plus the exit's drop.
 	assert.Equal(t, uint64(5), st.CountOps)
 	assert.Zero(t, st.ShootdownIPIs)
@@ -159,9 +160,9 @@ func TestLazyRefcountKeepsTheMMUntilLazyCPUsLeave(t *testing.T) {
 
 func TestShootLaziesIPIsLazyCPUsAtTheFinalDrop(t *testing.T) {
 	r, a := exitScenario(t, tlb.LazyShootdown)
-	assert.True(t, a.freed)
-	assert.Empty(t, r.violations())
-	st := r.sys.Stats()
+	assert.True(t, a.Freed)
+	assert.Empty(t, r.Violations())
+	st := r.Sys.Stats()
 	assert.Equal(t, uint64(1), st.CountOps, "lazy switches take no references")
 	assert.Equal(t, uint64(2), st.ShootdownIPIs)
 }
@@ -172,10 +173,10 @@ func TestShootLaziesIPIsLazyCPUsAtTheFinalDrop(t *testing.T) {
 // 2020 lazy-TLB/membarrier thread); a CPU that only holds the mm lazily
 // is not.
 func TestMembarrierNeverMissesAUserCPU(t *testing.T) {
-	r := newRig(t, 2, tlb.LazyRefcount)
-	a := r.newSpace()
-	user, kthread := tlb.NewUserTask("a", a.ctx), tlb.NewKernelThread("k")
-	cpu := r.sys.CPU(1)
+	r := testrig.New(t, 2, tlb.LazyRefcount)
+	a := r.NewSpace()
+	user, kthread := tlb.NewUserTask("a", a.Ctx), tlb.NewKernelThread("k")
+	cpu := r.Sys.CPU(1)
 	inUser, done := make(chan struct{}), make(chan struct{})
 	var missed, spurious atomic.Int64
 	var wg sync.WaitGroup
@@ -200,13 +201,13 @@ func TestMembarrierNeverMissesAUserCPU(t *testing.T) {
 	})
 	for range 2 * rounds {
 		<-inUser
-		r.sys.Membarrier(a.ctx)
+		r.Sys.Membarrier(a.Ctx)
 		done <- struct{}{}
 	}
 	wg.Wait()
 	assert.Zero(t, missed.Load())
 	assert.Zero(t, spurious.Load())
-	assert.Equal(t, uint64(rounds), r.sys.Stats().MembarrierIPIs)
+	assert.Equal(t, uint64(rounds), r.Sys.Stats().MembarrierIPIs)
 }
 
 // TestConcurrentAccessUnmapAndFree has two CPUs loading and storing over a
@@ -215,17 +216,17 @@ func TestMembarrierNeverMissesAUserCPU(t *testing.T) {
 // read a freed frame's poison.
 func TestConcurrentAccessUnmapAndFree(t *testing.T) {
 	const pages = 16
-	r := newRig(t, 2, tlb.LazyRefcount)
-	a := r.newSpace()
+	r := testrig.New(t, 2, tlb.LazyRefcount)
+	a := r.NewSpace()
 	for i := range uint64(pages) {
-		a.mapPage(0x100000+i<<pagetable.PageShift, rwu, 0)
+		a.MapPage(0x100000+i<<pagetable.PageShift, testrig.RWU, 0)
 	}
 	var stop atomic.Bool
 	var poisoned atomic.Int64
 	var wg sync.WaitGroup
-	for _, cpu := range r.sys.CPUs() {
+	for _, cpu := range r.Sys.CPUs() {
 		wg.Go(func() {
-			cpu.Switch(tlb.NewUserTask("t", a.ctx))
+			cpu.Switch(tlb.NewUserTask("t", a.Ctx))
 			for i := uint64(0); !stop.Load(); i++ {
 				va := 0x100000 + (i%pages)<<pagetable.PageShift + uint64(cpu.ID())*8
 				v, err := cpu.Load64(va)
@@ -245,13 +246,13 @@ func TestConcurrentAccessUnmapAndFree(t *testing.T) {
 	}
 	for i := range iterationsFor(2000, 300) {
 		va := 0x100000 + uint64(i%pages)<<pagetable.PageShift
-		a.unmapPage(va, true)
+		a.UnmapPage(va, true)
 	}
 	stop.Store(true)
 	wg.Wait()
-	assert.Empty(t, r.violations())
+	assert.Empty(t, r.Violations())
 	assert.Zero(t, poisoned.Load(), "a CPU read a freed frame")
-	assert.Positive(t, r.chk.Checks())
+	assert.Positive(t, r.Chk.Checks())
 }
 
 func iterationsFor(full, short int) int {

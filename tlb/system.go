@@ -90,7 +90,7 @@ type Stats struct {
 
 type stats struct {
 	ipis, lazySkipped, fullFlushes, partialFlushes, pagesFlushed, flushRequests atomic.Uint64
-	faults, countOps, shootIPIs, membarrierIPIs, switches                     atomic.Uint64
+	faults, countOps, shootIPIs, membarrierIPIs, switches                       atomic.Uint64
 }
 
 // System is the set of simulated CPUs of a machine and the flush protocol

@@ -1,0 +1,122 @@
+package mmugather
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// ZapStats counts what a Zap cleared.
+type ZapStats struct {
+	Present int // present 4 KiB entries cleared (frames queued unless Special)
+	Huge    int // 2 MiB leaves cleared
+	Other   int // non-present entries (swap, migration) cleared
+}
+
+// Zap clears every entry of [start, end) (page-aligned) into the gather
+// (zap_page_range_single / unmap_page_range): under each PTE table's lock
+// it clears the entries atomically, takes each mapped frame's mapcount
+// down, records the entry and queues the frame, whose reference is dropped
+// only by Flush, after the TLBs are flushed. Special entries (the zero
+// page, PFN maps) have no reference to drop. A huge leaf the range only
+// partly covers is split first.
+//
+// When the batch fills, Zap drops the lock, flushes, and goes on where it
+// stopped, as the kernel's zap loop does.
+func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
+	var st ZapStats
+	table := g.ctx.Table()
+	var err error
+	for start < end {
+		resume := end
+		full := false
+		rerr := table.Range(start, end, pagetable.RangeFuncs{
+			PTEs: func(pt pagetable.PTETable, first, last int) bool {
+				for i := first; i < last; i++ {
+					if pt.Get(i).IsNone() {
+						continue
+					}
+					old := pt.GetAndClear(i)
+					g.RemovePTE(pt.VA(i))
+					if !old.IsPresent() {
+						st.Other++
+						continue
+					}
+					st.Present++
+					if old&pagetable.Special != 0 {
+						continue
+					}
+					f, ferr := g.frame(old.PFN())
+					if ferr != nil {
+						err = ferr
+						continue
+					}
+					f.DecMapCount()
+					if g.RemovePage(f) {
+						full, resume = true, pt.VA(i+1)
+						return false
+					}
+				}
+				return true
+			},
+			PMD: func(s pagetable.PMDSlot) bool {
+				if s.Base() < start || s.Base()+pagetable.HugeSize > end {
+					if s.Get().IsHuge() {
+						if serr := s.Split(); serr != nil {
+							err = serr
+							return false
+						}
+					}
+					return true // Range goes on into the split table
+				}
+				old := s.GetAndClear()
+				g.RemovePMD(s.Base())
+				if !old.IsPresent() {
+					st.Other++
+					return true
+				}
+				st.Huge++
+				if old&pagetable.Special != 0 {
+					return true
+				}
+				for i := range uint64(pagetable.Entries) {
+					f, ferr := g.frame(old.PFN() + i)
+					if ferr != nil {
+						err = ferr
+						return false
+					}
+					f.DecMapCount()
+					g.RemovePage(f)
+				}
+				if len(g.pages) >= BatchPages {
+					full, resume = true, s.Base()+pagetable.HugeSize
+					return false
+				}
+				return true
+			},
+		})
+		if rerr != nil {
+			return st, rerr
+		}
+		if err != nil {
+			return st, err
+		}
+		if !full {
+			break
+		}
+		if ferr := g.Flush(); ferr != nil {
+			return st, ferr
+		}
+		start = resume
+	}
+	return st, nil
+}
+
+func (g *Gather) frame(pfn uint64) (*physmem.Frame, error) {
+	f, err := g.ram.Frame(physmem.PFN(pfn))
+	if err != nil {
+		return nil, fmt.Errorf("mmugather: zap found pfn %#x outside RAM: %w", pfn, err)
+	}
+	return f, nil
+}
