@@ -69,7 +69,7 @@ func TestFlushOrder(t *testing.T) {
 	g := mmugather.Start(r.Sys, r.RAM, s.Ctx, probe)
 	st, err := g.Zap(0x40000, 0x40000+4*page)
 	require.NoError(t, err)
-	assert.Equal(t, mmugather.ZapStats{Present: 4}, st)
+	assert.Equal(t, mmugather.ZapStats{Present: 4, Frames: 4}, st)
 	for _, f := range frames {
 		assert.Zero(t, f.MapCount(), "mapcount drops at the clear")
 		assert.False(t, f.IsFree(), "the reference waits for the flush")
@@ -152,7 +152,7 @@ func TestZapSpecialSwapAndHuge(t *testing.T) {
 	g := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
 	st, err := g.Zap(0, 0x40_0000+pagetable.HugeSize)
 	require.NoError(t, err)
-	assert.Equal(t, mmugather.ZapStats{Present: 1, Huge: 1, Other: 1}, st)
+	assert.Equal(t, mmugather.ZapStats{Present: 1, Huge: 1, Other: 1, Frames: 512}, st)
 	require.NoError(t, g.Finish())
 	assert.False(t, zero.IsFree(), "the zero page has no mapping reference to drop")
 	for _, f := range huge {

@@ -12,6 +12,7 @@ type ZapStats struct {
 	Present int // present 4 KiB entries cleared (frames queued unless Special)
 	Huge    int // 2 MiB leaves cleared
 	Other   int // non-present entries (swap, migration) cleared
+	Frames  int // frame references queued for release
 }
 
 // Zap clears every entry of [start, end) (page-aligned) into the gather
@@ -53,6 +54,7 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 						continue
 					}
 					f.DecMapCount()
+					st.Frames++
 					if g.RemovePage(f) {
 						full, resume = true, pt.VA(i+1)
 						return false
@@ -87,6 +89,7 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 						return false
 					}
 					f.DecMapCount()
+					st.Frames++
 					g.RemovePage(f)
 				}
 				if len(g.pages) >= BatchPages {

@@ -222,8 +222,10 @@ func (s *System) shootLazies(ctx *Context) {
 		c.mu.Lock()
 		if c.loaded == ctx {
 			if !c.lazy {
-				c.mu.Unlock()
-				panic(fmt.Sprintf("tlb: final mmdrop of mm %d while cpu%d runs it", ctx.id, c.id))
+				// Not lazy: a task of the mm still runs here, which only a
+				// caller bug allows. Report it and stop using the mm.
+				s.chk.Report(check.Violation{Kind: check.FreedSpaceInUse, Op: "mmdrop", Cache: c.CacheName(),
+					Space: ctx.id, Detail: "a user task of the mm is running: " + c.curr.name})
 			}
 			c.switchToInit()
 		}

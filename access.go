@@ -1,0 +1,87 @@
+package gomm
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// ReadAt copies len(p) bytes of the address space from va into p, faulting
+// pages in as needed, without going through any CPU's TLB
+// (access_process_vm, as ptrace and /proc/PID/mem do). It returns how many
+// bytes were copied; a page that cannot be read stops it with ErrFault.
+func (mm *MM) ReadAt(p []byte, va uint64) (int, error) {
+	return mm.access(p, va, pagetable.AccessRead)
+}
+
+// WriteAt copies p into the address space at va, like ReadAt.
+func (mm *MM) WriteAt(p []byte, va uint64) (int, error) {
+	return mm.access(p, va, pagetable.AccessWrite)
+}
+
+func (mm *MM) access(p []byte, va uint64, acc pagetable.Access) (int, error) {
+	if va+uint64(len(p)) < va || va+uint64(len(p)) > TaskSize {
+		return 0, fmt.Errorf("gomm: access of %d bytes at %#x: %w", len(p), va, ErrFault)
+	}
+	mm.mmapLock.RLock()
+	defer mm.mmapLock.RUnlock()
+	if err := mm.checkOpen(); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		f, err := mm.getPage(va, acc)
+		if err != nil {
+			return done, err
+		}
+		off := int(va & (PageSize - 1))
+		n := min(len(p)-done, PageSize-off)
+		if acc&pagetable.AccessWrite != 0 {
+			_, err = f.WriteAt(p[done:done+n], off)
+		} else {
+			_, err = f.ReadAt(p[done:done+n], off)
+		}
+		if perr := mm.m.ram.Put(f); err == nil {
+			err = perr
+		}
+		if err != nil {
+			return done, err
+		}
+		done += n
+		va += uint64(n)
+	}
+	return done, nil
+}
+
+// getPage returns the frame mapped at va with a reference held, faulting
+// it in for the access first if needed (get_user_pages of one page).
+// Called with mmap_lock held.
+func (mm *MM) getPage(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
+	v := mm.vmas.lookup(va)
+	if v == nil {
+		return nil, fmt.Errorf("gomm: %v at %#x: no mapping: %w", acc, va, ErrFault)
+	}
+	for range 8 {
+		if err := mm.faultLocked(v, va, acc); err != nil {
+			return nil, err
+		}
+		pt, ok, err := mm.table.LockPTE(va)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			continue
+		}
+		e := pt.Get(pt.Index(va))
+		if e.IsPresent() && (acc&pagetable.AccessWrite == 0 || e.IsWritable()) {
+			f, ferr := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+			if ferr == nil && mm.m.ram.TryGet(f) {
+				pt.Unlock()
+				return f, nil
+			}
+		}
+		pt.Unlock()
+	}
+	return nil, fmt.Errorf("gomm: %v at %#x: page keeps going away: %w", acc, va, ErrFault)
+}

@@ -1,0 +1,5 @@
+package gomm_test
+
+import "github.com/gomm-dev/gomm/tlb"
+
+func tlbIdle() *tlb.Task { return tlb.NewKernelThread("idle") }

@@ -1,0 +1,168 @@
+package gomm
+
+import (
+	"fmt"
+	"sync/atomic"
+
+	"github.com/gomm-dev/gomm/locks"
+	"github.com/gomm-dev/gomm/mmugather"
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/tlb"
+)
+
+// Address-space limits (x86-64 with 4-level paging).
+const (
+	PageSize    = pagetable.PageSize
+	TaskSize    = 1<<47 - PageSize // TASK_SIZE_MAX: the top of user space
+	MmapMinAddr = 0x10000          // vm.mmap_min_addr: nothing is mapped below
+	// userCeiling bounds page-table freeing at the top of user space.
+	userCeiling = 1 << 47
+)
+
+// MM is an address space (struct mm_struct): VMAs, a page table, the TLB
+// context CPUs load, and the references that keep it alive.
+//
+// Lock order: mmap_lock, then the page-table locks, then CPU locks (taken
+// by flushes). Every method is safe for concurrent use.
+type MM struct {
+	m     *Machine
+	table *pagetable.Table
+	ctx   *tlb.Context
+
+	mmapLock locks.RWSem
+	vmas     vmaTree // protected by mmapLock
+	exited   bool    // protected by mmapLock (set with it held for write)
+
+	users  atomic.Int64  // mm_users
+	rss    atomic.Int64  // anonymous frames mapped (MM_ANONPAGES)
+	faults atomic.Uint64 // faults handled
+}
+
+// NewMM creates an empty address space with one user reference, which
+// Exit drops.
+func (m *Machine) NewMM() *MM {
+	mm := &MM{m: m, table: pagetable.New(pagetable.Options{}), vmas: newVMATree()}
+	mm.mmapLock.Init(locks.ClassMmapLock)
+	mm.ctx = m.sys.NewContext(mm.table, mm, nil)
+	mm.users.Store(1)
+	return mm
+}
+
+// ID returns the MM's stable identity (also its TLB context's).
+func (mm *MM) ID() uint64 { return mm.ctx.ID() }
+
+// Machine returns the machine the MM lives in.
+func (mm *MM) Machine() *Machine { return mm.m }
+
+// Context returns the MM's TLB context, which CPUs load.
+func (mm *MM) Context() *tlb.Context { return mm.ctx }
+
+// Table returns the MM's page table.
+func (mm *MM) Table() *pagetable.Table { return mm.table }
+
+// NewTask returns a user task of this MM for a CPU to run
+// (cpu.Switch(task)). Switch CPUs away from an MM's tasks before its last
+// user reference is dropped; the checker reports an MM freed while a CPU
+// still runs it.
+func (mm *MM) NewTask(name string) *tlb.Task { return tlb.NewUserTask(name, mm.ctx) }
+
+// Get takes a user reference (mmget); it fails with ErrClosed once the MM
+// has exited.
+func (mm *MM) Get() error {
+	for {
+		n := mm.users.Load()
+		if n <= 0 {
+			return fmt.Errorf("gomm: mm %d: %w", mm.ID(), ErrClosed)
+		}
+		if mm.users.CompareAndSwap(n, n+1) {
+			return nil
+		}
+	}
+}
+
+// Put drops a user reference (mmput). Dropping the last tears the address
+// space down (exit_mmap): every mapping is zapped with one fullmm gather,
+// every page table freed, and the MM's mm_count reference dropped. A Put
+// without a reference to drop is ErrClosed.
+func (mm *MM) Put() error {
+	for {
+		n := mm.users.Load()
+		if n <= 0 {
+			return fmt.Errorf("gomm: put of exited mm %d: %w", mm.ID(), ErrClosed)
+		}
+		if mm.users.CompareAndSwap(n, n-1) {
+			if n == 1 {
+				return mm.exitMmap()
+			}
+			return nil
+		}
+	}
+}
+
+// Exit drops the reference NewMM returned: the process exits.
+func (mm *MM) Exit() error { return mm.Put() }
+
+// Users returns mm_users.
+func (mm *MM) Users() int64 { return mm.users.Load() }
+
+// RSS returns the number of anonymous frames mapped.
+func (mm *MM) RSS() int64 { return mm.rss.Load() }
+
+// Faults returns the number of faults handled.
+func (mm *MM) Faults() uint64 { return mm.faults.Load() }
+
+// VMAs returns the mappings, in address order.
+func (mm *MM) VMAs() []VMA {
+	mm.mmapLock.RLock()
+	defer mm.mmapLock.RUnlock()
+	var out []VMA
+	mm.vmas.t.Ascend(func(v *vma) bool {
+		out = append(out, VMA{Start: v.start, End: v.end, Prot: v.prot})
+		return true
+	})
+	return out
+}
+
+func (mm *MM) exitMmap() error {
+	mm.mmapLock.Lock()
+	mm.exited = true
+	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx, nil)
+	var err error
+	mm.vmas.t.Ascend(func(v *vma) bool {
+		var st mmugather.ZapStats
+		st, err = g.Zap(v.start, v.end)
+		mm.rss.Add(-int64(st.Frames))
+		return err == nil
+	})
+	mm.vmas.t.Clear(false)
+	if err == nil {
+		var freed []pagetable.FreedTable
+		freed, err = mm.table.FreeEmpty(0, userCeiling, nil)
+		g.RemoveTables(freed...)
+	}
+	if ferr := g.Finish(); err == nil {
+		err = ferr
+	}
+	mm.mmapLock.Unlock()
+	mm.ctx.Drop()
+	return err
+}
+
+// newGather starts a gather on the MM.
+func newGather(mm *MM) *mmugather.Gather {
+	return mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx, nil)
+}
+
+// checkOpen fails once the MM has exited. Called with mmap_lock held.
+func (mm *MM) checkOpen() error {
+	if mm.exited {
+		return fmt.Errorf("gomm: mm %d has exited: %w", mm.ID(), ErrClosed)
+	}
+	return nil
+}
+
+// pageAlign rounds n up to a page; ok is false on overflow.
+func pageAlign(n uint64) (uint64, bool) {
+	a := (n + PageSize - 1) &^ (PageSize - 1)
+	return a, a >= n
+}

@@ -1,0 +1,240 @@
+package gomm_test
+
+import (
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/errno"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+const page = gomm.PageSize
+
+func newMachine(t testing.TB, cfg gomm.Config) *gomm.Machine {
+	t.Helper()
+	cfg.Check = true
+	if cfg.Frames == 0 {
+		cfg.Frames = 8192
+	}
+	m, err := gomm.NewMachine(cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		v, n := m.Violations()
+		if n > 0 {
+			t.Errorf("%d checker violations; first: %v", n, v[0])
+		}
+	})
+	return m
+}
+
+const anon = gomm.MapPrivate | gomm.MapAnonymous
+
+func TestMmapTouchMunmap(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 2})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0, 4*page, gomm.ProtRead|gomm.ProtWrite, anon)
+	require.NoError(t, err)
+	assert.Zero(t, addr%page)
+	assert.Equal(t, []gomm.VMA{{Start: addr, End: addr + 4*page, Prot: gomm.ProtRead | gomm.ProtWrite}}, mm.VMAs())
+
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("main"))
+	v, err := cpu.Load64(addr)
+	require.NoError(t, err)
+	assert.Zero(t, v, "a read maps the zero page")
+	assert.Zero(t, mm.RSS())
+	require.NoError(t, cpu.Store64(addr+8, 0xfeed))
+	assert.Equal(t, int64(1), mm.RSS(), "the write copies the zero page into a private frame")
+	v, err = cpu.Load64(addr + 8)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0xfeed), v)
+
+	buf := make([]byte, 8)
+	n, err := mm.ReadAt(buf, addr+8)
+	require.NoError(t, err)
+	assert.Equal(t, 8, n)
+	assert.Equal(t, byte(0xed), buf[0])
+
+	free := m.RAM().Stats().Free
+	require.NoError(t, mm.Munmap(addr, 4*page))
+	assert.Equal(t, free+1, m.RAM().Stats().Free)
+	assert.Zero(t, mm.RSS())
+	assert.Empty(t, mm.VMAs())
+	_, err = cpu.Load64(addr)
+	assert.ErrorIs(t, err, gomm.ErrFault, "unmapped")
+
+	cpu.Switch(tlbIdle())
+	require.NoError(t, mm.Exit())
+	assert.ErrorIs(t, mm.Exit(), gomm.ErrClosed)
+	_, err = mm.Mmap(0, page, gomm.ProtRead, anon)
+	assert.ErrorIs(t, err, gomm.ErrClosed)
+	assert.Positive(t, m.Stats().Checks)
+}
+
+func TestMmapValidation(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	tests := []struct {
+		name  string
+		addr  uint64
+		len   uint64
+		prot  gomm.Prot
+		flags gomm.MapFlags
+		err   error
+	}{
+		{"zero length", 0, 0, rw, anon, errno.ErrInvalid},
+		{"bad prot", 0, page, 0x8, anon, errno.ErrInvalid},
+		{"no type", 0, page, rw, gomm.MapAnonymous, errno.ErrInvalid},
+		{"both types", 0, page, rw, anon | gomm.MapShared, errno.ErrInvalid},
+		{"shared", 0, page, rw, gomm.MapShared | gomm.MapAnonymous, errno.ErrInvalid},
+		{"file", 0, page, rw, gomm.MapPrivate, errno.ErrInvalid},
+		{"unknown flag", 0, page, rw, anon | 0x40000000, errno.ErrInvalid},
+		{"fixed unaligned", 0x10001000 + 1, page, rw, anon | gomm.MapFixed, errno.ErrInvalid},
+		{"fixed below min", 0x1000, page, rw, anon | gomm.MapFixed, errno.ErrInvalid},
+		{"fixed above user space", gomm.TaskSize, page, rw, anon | gomm.MapFixed, errno.ErrInvalid},
+		{"too long", 0, 1 << 62, rw, anon, errno.ErrNoMem},
+		{"overflowing length", 0, ^uint64(0), rw, anon, errno.ErrNoMem},
+	}
+	for _, tc := range tests {
+		_, err := mm.Mmap(tc.addr, tc.len, tc.prot, tc.flags)
+		assert.ErrorIs(t, err, tc.err, tc.name)
+	}
+	assert.Empty(t, mm.VMAs(), "nothing was mapped")
+
+	a, err := mm.Mmap(0x2000_0000, page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x2000_0000), a)
+	_, err = mm.Mmap(0x2000_0000, page, rw, anon|gomm.MapFixedNoReplace)
+	assert.ErrorIs(t, err, gomm.ErrExist)
+	b, err := mm.Mmap(0x3000_0000, page, rw, anon)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x3000_0000), b, "a free hint is honoured")
+	c, err := mm.Mmap(0x3000_0000, page, rw, anon)
+	require.NoError(t, err)
+	assert.NotEqual(t, b, c, "a taken hint is not")
+}
+
+func TestMunmapSplitsAndMerges(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	base, err := mm.Mmap(0x4000_0000, 8*page, rw, anon|gomm.MapFixed|gomm.MapPopulate)
+	require.NoError(t, err)
+	assert.Equal(t, int64(8), mm.RSS())
+	require.NoError(t, mm.Munmap(base+2*page, 2*page))
+	assert.Equal(t, []gomm.VMA{{base, base + 2*page, rw}, {base + 4*page, base + 8*page, rw}}, mm.VMAs())
+	assert.Equal(t, int64(6), mm.RSS())
+	_, err = mm.Mmap(base+2*page, 2*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	assert.Equal(t, []gomm.VMA{{base, base + 8*page, rw}}, mm.VMAs(), "equal neighbours merge")
+
+	for _, bad := range [][2]uint64{{base + 1, page}, {base, 0}, {gomm.TaskSize, 2 * page}} {
+		assert.ErrorIs(t, mm.Munmap(bad[0], bad[1]), gomm.ErrInvalid)
+	}
+	require.NoError(t, mm.Munmap(0x7000_0000, page), "unmapping nothing is fine")
+}
+
+func TestMprotect(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 2})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	base, err := mm.Mmap(0, 4*page, rw, anon)
+	require.NoError(t, err)
+	cpus := m.CPUs()
+	for _, c := range cpus {
+		c.Switch(mm.NewTask("t"))
+		require.NoError(t, c.Store64(base+page, 1))
+	}
+	require.NoError(t, mm.Mprotect(base+page, page, gomm.ProtRead))
+	assert.Equal(t, []gomm.VMA{{base, base + page, rw}, {base + page, base + 2*page, gomm.ProtRead}, {base + 2*page, base + 4*page, rw}}, mm.VMAs())
+	for _, c := range cpus {
+		assert.ErrorIs(t, c.Store64(base+page, 2), gomm.ErrFault, "the write right is gone from every TLB")
+		v, err := c.Load64(base + page)
+		require.NoError(t, err)
+		assert.Equal(t, uint64(1), v)
+	}
+	require.NoError(t, mm.Mprotect(base+page, page, gomm.ProtNone))
+	_, err = cpus[0].Load64(base + page)
+	assert.ErrorIs(t, err, gomm.ErrFault)
+	require.NoError(t, mm.Mprotect(base, 4*page, rw))
+	assert.Len(t, mm.VMAs(), 1)
+	require.NoError(t, cpus[1].Store64(base+page, 3), "the upgrade is granted at the next fault")
+
+	assert.ErrorIs(t, mm.Mprotect(base-4*page, 8*page, gomm.ProtRead), gomm.ErrNoMem, "a hole")
+	assert.Equal(t, rw, mm.VMAs()[0].Prot, "and nothing changed")
+	assert.ErrorIs(t, mm.Mprotect(base, page, 0x10), gomm.ErrInvalid)
+}
+
+func TestMadvise(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	mm := m.NewMM()
+	base, err := mm.Mmap(0, 4*page, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapPopulate)
+	require.NoError(t, err)
+	c := m.CPU(0)
+	c.Switch(mm.NewTask("t"))
+	require.NoError(t, c.Store64(base, 77))
+	require.NoError(t, mm.Madvise(base, 4*page, gomm.MadvDontNeed))
+	assert.Zero(t, mm.RSS())
+	v, err := c.Load64(base)
+	require.NoError(t, err)
+	assert.Zero(t, v, "DONTNEED: the next read sees zeros")
+
+	require.NoError(t, c.Store64(base, 5))
+	require.NoError(t, mm.Madvise(base, page, gomm.MadvFree))
+	v, _ = c.Load64(base)
+	assert.Equal(t, uint64(5), v, "FREE keeps the data while there is no memory pressure")
+	for _, a := range []gomm.Advice{gomm.MadvNormal, gomm.MadvRandom, gomm.MadvSequential, gomm.MadvWillNeed} {
+		require.NoError(t, mm.Madvise(base, page, a))
+	}
+	assert.ErrorIs(t, mm.Madvise(base, page, 99), gomm.ErrInvalid)
+	assert.ErrorIs(t, mm.Madvise(base-4*page, 8*page, gomm.MadvDontNeed), gomm.ErrNoMem)
+	v, _ = c.Load64(base)
+	assert.Equal(t, uint64(5), v, "a refused madvise does nothing")
+}
+
+func TestMremap(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 2})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	base, err := mm.Mmap(0x5000_0000, 2*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	c := m.CPU(0)
+	c.Switch(mm.NewTask("t"))
+	require.NoError(t, c.Store64(base+page, 42))
+
+	got, err := mm.Mremap(base, 2*page, 4*page, 0, 0)
+	require.NoError(t, err)
+	assert.Equal(t, base, got, "grows in place")
+	_, err = mm.Mmap(base+4*page, page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	_, err = mm.Mremap(base, 4*page, 8*page, 0, 0)
+	assert.ErrorIs(t, err, gomm.ErrNoMem, "blocked and may not move")
+
+	moved, err := mm.Mremap(base, 4*page, 8*page, gomm.MremapMayMove, 0)
+	require.NoError(t, err)
+	assert.NotEqual(t, base, moved)
+	v, err := c.Load64(moved + page)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(42), v, "the data moved with the mapping")
+	_, err = c.Load64(base + page)
+	assert.ErrorIs(t, err, gomm.ErrFault, "the old range is gone")
+
+	got, err = mm.Mremap(moved, 8*page, page, 0, 0)
+	require.NoError(t, err)
+	assert.Equal(t, moved, got)
+	_, err = c.Load64(moved + page)
+	assert.ErrorIs(t, err, gomm.ErrFault, "shrunk")
+
+	fixed, err := mm.Mremap(moved, page, page, gomm.MremapMayMove|gomm.MremapFixed, 0x6000_0000)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x6000_0000), fixed)
+
+	_, err = mm.Mremap(fixed, page, page, gomm.MremapFixed, 0x7000_0000)
+	assert.ErrorIs(t, err, gomm.ErrInvalid)
+	_, err = mm.Mremap(0x7100_0000, page, 2*page, gomm.MremapMayMove, 0)
+	assert.ErrorIs(t, err, gomm.ErrFault)
+	_, err = mm.Mremap(fixed, page, 0, gomm.MremapMayMove, 0)
+	assert.ErrorIs(t, err, gomm.ErrInvalid)
+}

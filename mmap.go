@@ -1,0 +1,206 @@
+package gomm
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+)
+
+// MapFlags are mmap's flags (MAP_*), with Linux's values.
+type MapFlags uint32
+
+// Mmap flags.
+const (
+	MapShared         MapFlags = 0x01
+	MapPrivate        MapFlags = 0x02
+	MapFixed          MapFlags = 0x10
+	MapAnonymous      MapFlags = 0x20
+	MapPopulate       MapFlags = 0x8000
+	MapFixedNoReplace MapFlags = 0x100000
+	knownMapFlags              = MapShared | MapPrivate | MapFixed | MapAnonymous | MapPopulate | MapFixedNoReplace
+	mapTypeMask                = MapShared | MapPrivate
+)
+
+// Mmap maps length bytes of anonymous private memory and returns the
+// address (mmap(2) with MAP_PRIVATE|MAP_ANONYMOUS). addr is a hint unless
+// MapFixed (replace whatever is there) or MapFixedNoReplace (fail with
+// ErrExist if anything is there) is given, in which case it must be
+// page-aligned. MapPopulate faults every page in before returning (a
+// populate that runs out of memory still returns the mapping, as Linux
+// does). Shared and file mappings are not supported yet: ErrInvalid.
+func (mm *MM) Mmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, error) {
+	size, err := mm.checkMmap(addr, length, prot, flags)
+	if err != nil {
+		return 0, err
+	}
+	mm.mmapLock.Lock()
+	if err := mm.checkOpen(); err != nil {
+		mm.mmapLock.Unlock()
+		return 0, err
+	}
+	start, err := mm.placeLocked(addr, size, flags)
+	if err != nil {
+		mm.mmapLock.Unlock()
+		return 0, err
+	}
+	if flags&MapFixed != 0 {
+		since := mm.m.chk.BeginDowngrade()
+		if err := mm.unmapLocked(start, start+size); err != nil {
+			mm.mmapLock.Unlock()
+			return 0, err
+		}
+		defer mm.m.chk.EndDowngrade("mmap(MAP_FIXED)", mm.ID(), start, start+size, since, false)
+	}
+	mm.vmas.t.ReplaceOrInsert(&vma{start: start, end: start + size, prot: prot})
+	mm.vmas.mergeAround(start, start+size)
+	if flags&MapPopulate == 0 || prot == ProtNone {
+		mm.mmapLock.Unlock()
+		return start, nil
+	}
+	mm.mmapLock.DowngradeWrite()
+	defer mm.mmapLock.RUnlock()
+	acc := pagetable.AccessRead
+	if prot&ProtWrite != 0 {
+		acc = pagetable.AccessWrite
+	}
+	for va := start; va < start+size; va += PageSize {
+		if mm.exited {
+			break
+		}
+		v := mm.vmas.lookup(va)
+		if v == nil || mm.faultLocked(v, va, acc) != nil {
+			break
+		}
+	}
+	return start, nil
+}
+
+func (mm *MM) checkMmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, error) {
+	fail := func(why string, err error) (uint64, error) {
+		return 0, fmt.Errorf("gomm: mmap(%#x, %#x, %v, %#x): %s: %w", addr, length, prot, uint32(flags), why, err)
+	}
+	switch {
+	case length == 0:
+		return fail("zero length", ErrInvalid)
+	case prot&^protMask != 0:
+		return fail("unknown protection bits", ErrInvalid)
+	case flags&^knownMapFlags != 0:
+		return fail("unknown flags", ErrInvalid)
+	case flags&mapTypeMask == 0 || flags&mapTypeMask == mapTypeMask:
+		return fail("exactly one of MAP_SHARED and MAP_PRIVATE", ErrInvalid)
+	case flags&MapShared != 0:
+		return fail("shared mappings are not supported yet", ErrInvalid)
+	case flags&MapAnonymous == 0:
+		return fail("file mappings are not supported yet", ErrInvalid)
+	case flags&(MapFixed|MapFixedNoReplace) != 0 && addr%PageSize != 0:
+		return fail("unaligned fixed address", ErrInvalid)
+	}
+	size, ok := pageAlign(length)
+	if !ok || size > TaskSize-MmapMinAddr {
+		return fail("too long", ErrNoMem)
+	}
+	if flags&(MapFixed|MapFixedNoReplace) != 0 && (addr < MmapMinAddr || addr > TaskSize-size) {
+		return fail("fixed range outside user space", ErrInvalid)
+	}
+	return size, nil
+}
+
+// placeLocked chooses where a new mapping of size bytes goes
+// (get_unmapped_area). Called with mmap_lock held for write.
+func (mm *MM) placeLocked(addr, size uint64, flags MapFlags) (uint64, error) {
+	switch {
+	case flags&MapFixedNoReplace != 0:
+		if len(mm.vmas.overlapping(addr, addr+size)) > 0 {
+			return 0, fmt.Errorf("gomm: mmap [%#x, %#x): already mapped: %w", addr, addr+size, ErrExist)
+		}
+		return addr, nil
+	case flags&MapFixed != 0:
+		return addr, nil
+	}
+	hint := addr &^ (PageSize - 1)
+	if hint >= MmapMinAddr && hint <= TaskSize-size && len(mm.vmas.overlapping(hint, hint+size)) == 0 {
+		return hint, nil
+	}
+	if a, ok := mm.vmas.gap(size, MmapMinAddr, TaskSize); ok {
+		return a, nil
+	}
+	return 0, fmt.Errorf("gomm: no room for %#x bytes: %w", size, ErrNoMem)
+}
+
+// Munmap removes the mappings of [addr, addr+length) (munmap(2)): VMAs
+// are split at the edges, the pages zapped into one gather, the page
+// tables no mapping needs any more freed, and the TLBs flushed before any
+// frame is freed. Unmapping a range with nothing mapped is not an error.
+func (mm *MM) Munmap(addr, length uint64) error {
+	start, end, err := checkRange("munmap", addr, length)
+	if err != nil {
+		return err
+	}
+	mm.mmapLock.Lock()
+	if err := mm.checkOpen(); err != nil {
+		mm.mmapLock.Unlock()
+		return err
+	}
+	since := mm.m.chk.BeginDowngrade()
+	err = mm.unmapLocked(start, end)
+	mm.mmapLock.Unlock()
+	mm.m.chk.EndDowngrade("munmap", mm.ID(), start, end, since, false)
+	return err
+}
+
+// checkRange validates a page-aligned start and a length that rounds up
+// to a range inside user space.
+func checkRange(op string, addr, length uint64) (start, end uint64, err error) {
+	size, ok := pageAlign(length)
+	if addr%PageSize != 0 || length == 0 || !ok || addr > TaskSize || size > TaskSize-addr {
+		return 0, 0, fmt.Errorf("gomm: %s(%#x, %#x): %w", op, addr, length, ErrInvalid)
+	}
+	return addr, addr + size, nil
+}
+
+// unmapLocked removes [start, end): detach the VMAs, zap their pages,
+// free the tables between the neighbours, flush, free (do_vmi_munmap).
+// Called with mmap_lock held for write.
+func (mm *MM) unmapLocked(start, end uint64) error {
+	vs := mm.vmas.isolate(start, end)
+	if len(vs) == 0 {
+		return nil
+	}
+	for _, v := range vs {
+		mm.vmas.t.Delete(v)
+	}
+	return mm.zapAndFree(vs, start, end)
+}
+
+// zapAndFree tears down the pages of the detached VMAs vs, which covered
+// parts of [start, end), and frees the page tables between the remaining
+// neighbours.
+func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
+	g := newGather(mm)
+	var err error
+	for _, v := range vs {
+		st, zerr := g.Zap(v.start, v.end)
+		mm.rss.Add(-int64(st.Frames))
+		if zerr != nil && err == nil {
+			err = zerr
+		}
+	}
+	floor, ceiling := uint64(0), uint64(userCeiling)
+	if p := mm.vmas.prev(start); p != nil {
+		floor = p.end
+	}
+	if n := mm.vmas.next(end); n != nil {
+		ceiling = n.start
+	}
+	if floor < ceiling {
+		freed, ferr := mm.table.FreeEmpty(floor&^(PageSize-1), ceiling, nil)
+		g.RemoveTables(freed...)
+		if ferr != nil && err == nil {
+			err = ferr
+		}
+	}
+	if ferr := g.Finish(); ferr != nil && err == nil {
+		err = ferr
+	}
+	return err
+}

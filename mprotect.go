@@ -1,0 +1,187 @@
+package gomm
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// Mprotect changes the protection of [addr, addr+length) (mprotect(2)).
+// The whole range must be mapped (else ErrNoMem, and nothing changes).
+// VMAs are split at the edges and merged with equal neighbours. Present
+// entries lose the rights the new protection lacks, and then every TLB is
+// flushed of the range before Mprotect returns; rights are never added to
+// entries (an upgrade needs no flush: the next write faults and gets
+// them).
+func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
+	start, end, err := checkRange("mprotect", addr, length)
+	if err != nil {
+		return err
+	}
+	if prot&^protMask != 0 {
+		return fmt.Errorf("gomm: mprotect prot %#x: %w", uint8(prot), ErrInvalid)
+	}
+	mm.mmapLock.Lock()
+	defer mm.mmapLock.Unlock()
+	if err := mm.checkOpen(); err != nil {
+		return err
+	}
+	if !mm.vmas.covered(start, end) {
+		return fmt.Errorf("gomm: mprotect [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
+	}
+	since := mm.m.chk.BeginDowngrade()
+	revoked := ProtNone
+	for _, v := range mm.vmas.isolate(start, end) {
+		revoked |= v.prot &^ prot
+		v.prot = prot
+	}
+	if revoked != ProtNone {
+		mm.changeProtection(start, end, prot)
+		mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
+	}
+	mm.vmas.mergeAround(start, end)
+	if revoked != ProtNone {
+		// Only read and write rights are tracked by the checker; taking
+		// away read (PROT_NONE) revokes every access.
+		writeOnly := prot != ProtNone
+		mm.m.chk.EndDowngrade("mprotect", mm.ID(), start, end, since, writeOnly)
+	}
+	return nil
+}
+
+// changeProtection rewrites the present entries of [start, end) for prot
+// (change_protection): rights prot lacks are removed, none added. Huge
+// leaves the range only partly covers are split.
+func (mm *MM) changeProtection(start, end uint64, prot Prot) {
+	want := prot.leafBits()
+	fix := func(e pagetable.PTE) pagetable.PTE {
+		if prot&ProtWrite == 0 {
+			e = e.Without(pagetable.Write)
+		}
+		if want&pagetable.User == 0 {
+			e = e.Without(pagetable.User)
+		}
+		return e.Without(pagetable.NoExec) | want&pagetable.NoExec
+	}
+	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				for {
+					e := pt.Get(i)
+					if !e.IsPresent() || pt.CompareAndSet(i, e, fix(e)) {
+						break
+					}
+				}
+			}
+			return true
+		},
+		PMD: func(s pagetable.PMDSlot) bool {
+			if s.Base() < start || s.Base()+pagetable.HugeSize > end {
+				_ = s.Split()
+				return true
+			}
+			if e := s.Get(); e.IsPresent() {
+				_, _ = s.Set(fix(e))
+			}
+			return true
+		},
+	})
+}
+
+// Madvise advice values, with Linux's numbers.
+type Advice int
+
+// Advice.
+const (
+	MadvNormal     Advice = 0
+	MadvRandom     Advice = 1
+	MadvSequential Advice = 2
+	MadvWillNeed   Advice = 3
+	MadvDontNeed   Advice = 4
+	MadvFree       Advice = 8
+)
+
+// Madvise gives advice about [addr, addr+length) (madvise(2)). The range
+// must be mapped without holes (else ErrNoMem and nothing is done;
+// Linux applies the advice to the mapped parts before failing).
+//
+//   - MadvDontNeed zaps the range: the pages are freed (after the TLB
+//     flush) and the next access sees zeros. It runs under mmap_lock for
+//     read, so two may overlap: the race the nested-gather fix closes.
+//   - MadvFree marks the range's exclusive anonymous pages lazily freeable:
+//     their entries are cleaned and flushed, the frames lose Dirty and
+//     SwapBacked, and reclaim may drop them unless they are written again.
+//   - MadvNormal, MadvRandom, MadvSequential and MadvWillNeed are accepted
+//     and change nothing (there is no readahead to tune).
+func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
+	start, end, err := checkRange("madvise", addr, length)
+	if err != nil {
+		return err
+	}
+	switch advice {
+	case MadvNormal, MadvRandom, MadvSequential, MadvWillNeed, MadvDontNeed, MadvFree:
+	default:
+		return fmt.Errorf("gomm: madvise advice %d: %w", advice, ErrInvalid)
+	}
+	mm.mmapLock.RLock()
+	defer mm.mmapLock.RUnlock()
+	if err := mm.checkOpen(); err != nil {
+		return err
+	}
+	if !mm.vmas.covered(start, end) {
+		return fmt.Errorf("gomm: madvise [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
+	}
+	switch advice {
+	case MadvDontNeed:
+		return mm.dontNeed(start, end)
+	case MadvFree:
+		mm.lazyFree(start, end)
+	}
+	return nil
+}
+
+func (mm *MM) dontNeed(start, end uint64) error {
+	since := mm.m.chk.BeginDowngrade()
+	g := newGather(mm)
+	st, err := g.Zap(start, end)
+	mm.rss.Add(-int64(st.Frames))
+	if ferr := g.Finish(); err == nil {
+		err = ferr
+	}
+	mm.m.chk.EndDowngrade("madvise(DONTNEED)", mm.ID(), start, end, since, false)
+	return err
+}
+
+// lazyFree is madvise_free_pte_range: clean the entries of exclusive
+// anonymous pages, flush, and let reclaim see the frames as clean and not
+// swap-backed.
+func (mm *MM) lazyFree(start, end uint64) {
+	var frames []*physmem.Frame
+	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				e := pt.Get(i)
+				if !e.IsPresent() || e&pagetable.Special != 0 || !mm.exclusive(e) {
+					continue
+				}
+				for !pt.CompareAndSet(i, e, e.Without(pagetable.Dirty|pagetable.Accessed)) {
+					e = pt.Get(i)
+				}
+				if f, err := mm.m.ram.Frame(physmem.PFN(e.PFN())); err == nil {
+					frames = append(frames, f)
+				}
+			}
+			return true
+		},
+	})
+	if len(frames) == 0 {
+		return
+	}
+	// A CPU must not keep writing through an entry cached dirty, or the
+	// new data would not mark the page dirty again.
+	mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
+	for _, f := range frames {
+		f.ClearFlags(physmem.FlagDirty | physmem.FlagSwapBacked)
+	}
+}

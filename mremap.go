@@ -1,0 +1,155 @@
+package gomm
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+)
+
+// MremapFlags are mremap's flags, with Linux's values.
+type MremapFlags uint32
+
+// Mremap flags.
+const (
+	MremapMayMove MremapFlags = 1
+	MremapFixed   MremapFlags = 2
+)
+
+// Mremap resizes or moves the mapping at [oldAddr, oldAddr+oldLen)
+// (mremap(2)); the old range must lie inside one VMA (else ErrFault).
+// Shrinking unmaps the tail. Growing extends in place when the space
+// after is free; otherwise, with MremapMayMove, the mapping moves: its
+// page-table entries are carried to the new place, the old range is
+// flushed from every TLB, and its page tables freed. MremapFixed (which
+// needs MremapMayMove) moves to newAddr, replacing what is there. It
+// returns the mapping's new address.
+func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr uint64) (uint64, error) {
+	fail := func(why string, err error) (uint64, error) {
+		return 0, fmt.Errorf("gomm: mremap(%#x, %#x, %#x, %#x, %#x): %s: %w", oldAddr, oldLen, newLen, uint32(flags), newAddr, why, err)
+	}
+	if flags&^(MremapMayMove|MremapFixed) != 0 || (flags&MremapFixed != 0 && flags&MremapMayMove == 0) {
+		return fail("bad flags", ErrInvalid)
+	}
+	oldStart, oldEnd, err := checkRange("mremap", oldAddr, oldLen)
+	if err != nil {
+		return 0, err
+	}
+	size, ok := pageAlign(newLen)
+	if newLen == 0 || !ok || size > TaskSize-MmapMinAddr {
+		return fail("bad new length", ErrInvalid)
+	}
+	if flags&MremapFixed != 0 {
+		if newAddr%PageSize != 0 || newAddr < MmapMinAddr || newAddr > TaskSize-size ||
+			(newAddr < oldEnd && oldStart < newAddr+size) {
+			return fail("bad or overlapping new address", ErrInvalid)
+		}
+	}
+	mm.mmapLock.Lock()
+	defer mm.mmapLock.Unlock()
+	if err := mm.checkOpen(); err != nil {
+		return 0, err
+	}
+	v := mm.vmas.lookup(oldStart)
+	if v == nil || v.end < oldEnd {
+		return fail("old range is not one mapping", ErrFault)
+	}
+	oldSize := oldEnd - oldStart
+	switch {
+	case flags&MremapFixed == 0 && size <= oldSize:
+		if size < oldSize {
+			since := mm.m.chk.BeginDowngrade()
+			err := mm.unmapLocked(oldStart+size, oldEnd)
+			mm.m.chk.EndDowngrade("mremap(shrink)", mm.ID(), oldStart+size, oldEnd, since, false)
+			if err != nil {
+				return 0, err
+			}
+		}
+		return oldStart, nil
+	case flags&MremapFixed == 0 && v.end == oldEnd && oldEnd <= TaskSize-(size-oldSize) &&
+		len(mm.vmas.overlapping(oldEnd, oldStart+size)) == 0:
+		mm.vmas.split(oldStart)
+		v = mm.vmas.lookup(oldStart)
+		v.end = oldStart + size
+		mm.vmas.mergeAround(oldStart, v.end)
+		return oldStart, nil
+	case flags&MremapMayMove == 0:
+		return fail("cannot grow in place", ErrNoMem)
+	}
+
+	dest := newAddr
+	if flags&MremapFixed == 0 {
+		a, ok := mm.vmas.gap(size, MmapMinAddr, TaskSize)
+		if !ok {
+			return fail("no room", ErrNoMem)
+		}
+		dest = a
+	}
+	since := mm.m.chk.BeginDowngrade()
+	if flags&MremapFixed != 0 {
+		if err := mm.unmapLocked(dest, dest+size); err != nil {
+			return 0, err
+		}
+	}
+	prot := v.prot
+	moved := min(oldSize, size)
+	if err := mm.movePageTables(oldStart, dest, moved); err != nil {
+		return 0, err
+	}
+	mm.m.sys.FlushRange(mm.ctx, oldStart, oldStart+moved, pagetable.PageShift, false)
+	// The old range is now empty of entries: remove its VMA part and the
+	// tables nobody needs; anything past what moved is unmapped.
+	err = mm.unmapLocked(oldStart, oldEnd)
+	mm.vmas.t.ReplaceOrInsert(&vma{start: dest, end: dest + size, prot: prot})
+	mm.vmas.mergeAround(dest, dest+size)
+	mm.m.chk.EndDowngrade("mremap(move)", mm.ID(), oldStart, oldEnd, since, false)
+	if err != nil {
+		return 0, err
+	}
+	return dest, nil
+}
+
+// movePageTables moves the entries of [from, from+n) to [to, to+n)
+// (move_page_tables), entry by entry under both tables' locks. Huge
+// leaves are split first. Rmap state is unchanged: the frames keep their
+// one mapping.
+func (mm *MM) movePageTables(from, to, n uint64) error {
+	var err error
+	_ = mm.table.Range(from, from+n, pagetable.RangeFuncs{
+		PMD: func(s pagetable.PMDSlot) bool {
+			if e := s.Get(); e.IsHuge() {
+				err = s.Split()
+			}
+			return err == nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+	for off := uint64(0); off < n; off += PageSize {
+		src, ok, lerr := mm.table.LockPTE(from + off)
+		if lerr != nil {
+			return lerr
+		}
+		if !ok {
+			off = (from + off) | (pagetable.HugeSize - 1) - from // skip the empty 2 MiB
+			continue
+		}
+		e := src.GetAndClear(src.Index(from + off))
+		src.Unlock()
+		if e.IsNone() {
+			continue
+		}
+		dst, aerr := mm.table.AllocLockPTE(to + off)
+		if aerr != nil {
+			// Put it back: the move fails as a whole only on ENOMEM, and
+			// the entry must not be lost.
+			back, _ := mm.table.AllocLockPTE(from + off)
+			back.Set(back.Index(from+off), e)
+			back.Unlock()
+			return aerr
+		}
+		dst.Set(dst.Index(to+off), e)
+		dst.Unlock()
+	}
+	return nil
+}
