@@ -2,11 +2,14 @@ package gomm
 
 import (
 	"fmt"
+	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/locks"
 	"github.com/gomm-dev/gomm/mmugather"
 	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/tlb"
 )
 
@@ -36,12 +39,18 @@ type MM struct {
 	users  atomic.Int64  // mm_users
 	rss    atomic.Int64  // anonymous frames mapped (MM_ANONPAGES)
 	faults atomic.Uint64 // faults handled
+
+	// Page tables live in RAM, as in the kernel: each table allocation
+	// takes a frame, released when the table is freed and poisoned.
+	ptMu     sync.Mutex
+	ptFrames []*physmem.Frame // protected by ptMu
 }
 
 // NewMM creates an empty address space with one user reference, which
 // Exit drops.
 func (m *Machine) NewMM() *MM {
-	mm := &MM{m: m, table: pagetable.New(pagetable.Options{}), vmas: newVMATree()}
+	mm := &MM{m: m, vmas: newVMATree()}
+	mm.table = pagetable.New(pagetable.Options{AllocHook: mm.chargeTable})
 	mm.mmapLock.Init(locks.ClassMmapLock)
 	mm.ctx = m.sys.NewContext(mm.table, mm, nil)
 	mm.users.Store(1)
@@ -128,6 +137,7 @@ func (mm *MM) exitMmap() error {
 	mm.exited = true
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx, nil)
 	var err error
+	var nfreed int
 	mm.vmas.t.Ascend(func(v *vma) bool {
 		var st mmugather.ZapStats
 		st, err = g.Zap(v.start, v.end)
@@ -139,13 +149,49 @@ func (mm *MM) exitMmap() error {
 		var freed []pagetable.FreedTable
 		freed, err = mm.table.FreeEmpty(0, userCeiling, nil)
 		g.RemoveTables(freed...)
+		nfreed = len(freed)
 	}
 	if ferr := g.Finish(); err == nil {
 		err = ferr
 	}
+	mm.unchargeTables(nfreed)
 	mm.mmapLock.Unlock()
 	mm.ctx.Drop()
 	return err
+}
+
+// chargeTable takes a frame of RAM for a new page table; out of frames,
+// the table (and whatever needed it) fails with ErrNoMem.
+func (mm *MM) chargeTable(pagetable.Level) error {
+	f, err := mm.m.ram.Alloc()
+	if err != nil {
+		return err
+	}
+	mm.ptMu.Lock()
+	mm.ptFrames = append(mm.ptFrames, f)
+	mm.ptMu.Unlock()
+	return nil
+}
+
+// unchargeTables releases the frames of n freed page tables. Called after
+// the gather that freed them finished, so the tables are poisoned.
+func (mm *MM) unchargeTables(n int) {
+	mm.ptMu.Lock()
+	k := len(mm.ptFrames) - n
+	release := slices.Clone(mm.ptFrames[k:])
+	clear(mm.ptFrames[k:])
+	mm.ptFrames = mm.ptFrames[:k]
+	mm.ptMu.Unlock()
+	for _, f := range release {
+		_ = mm.m.ram.Put(f)
+	}
+}
+
+// PageTableFrames returns how many frames the MM's page tables use.
+func (mm *MM) PageTableFrames() int {
+	mm.ptMu.Lock()
+	defer mm.ptMu.Unlock()
+	return len(mm.ptFrames)
 }
 
 // newGather starts a gather on the MM.

@@ -56,9 +56,11 @@ func TestMmapTouchMunmap(t *testing.T) {
 	assert.Equal(t, 8, n)
 	assert.Equal(t, byte(0xed), buf[0])
 
-	free := m.RAM().Stats().Free
+	free, tables := m.RAM().Stats().Free, mm.PageTableFrames()
+	assert.Equal(t, 3, tables, "a PUD, a PMD and a PTE table, each a frame of RAM")
 	require.NoError(t, mm.Munmap(addr, 4*page))
-	assert.Equal(t, free+1, m.RAM().Stats().Free)
+	assert.Zero(t, mm.PageTableFrames(), "nothing else is mapped: every table goes")
+	assert.Equal(t, free+1+tables, m.RAM().Stats().Free)
 	assert.Zero(t, mm.RSS())
 	assert.Empty(t, mm.VMAs())
 	_, err = cpu.Load64(addr)

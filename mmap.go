@@ -192,9 +192,11 @@ func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
 	if n := mm.vmas.next(end); n != nil {
 		ceiling = n.start
 	}
+	nfreed := 0
 	if floor < ceiling {
 		freed, ferr := mm.table.FreeEmpty(floor&^(PageSize-1), ceiling, nil)
 		g.RemoveTables(freed...)
+		nfreed = len(freed)
 		if ferr != nil && err == nil {
 			err = ferr
 		}
@@ -202,5 +204,6 @@ func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
 	if ferr := g.Finish(); ferr != nil && err == nil {
 		err = ferr
 	}
+	mm.unchargeTables(nfreed)
 	return err
 }

@@ -109,47 +109,53 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 }
 
 // movePageTables moves the entries of [from, from+n) to [to, to+n)
-// (move_page_tables), entry by entry under both tables' locks. Huge
-// leaves are split first. Rmap state is unchanged: the frames keep their
-// one mapping.
+// (move_page_tables). The source tables are visited through Range, so the
+// cost follows what is populated, not the size of the range; huge leaves
+// are split first. Each source table's entries are taken out under its
+// lock and put in place under the destination's: in between, under
+// mmap_lock held for write, a CPU that misses on them faults and waits.
+// Rmap state is unchanged: each frame keeps its one mapping.
 func (mm *MM) movePageTables(from, to, n uint64) error {
+	type moved struct {
+		off uint64
+		e   pagetable.PTE
+	}
+	var batch []moved
 	var err error
-	_ = mm.table.Range(from, from+n, pagetable.RangeFuncs{
+	rerr := mm.table.Range(from, from+n, pagetable.RangeFuncs{
 		PMD: func(s pagetable.PMDSlot) bool {
-			if e := s.Get(); e.IsHuge() {
+			if s.Get().IsHuge() {
 				err = s.Split()
 			}
 			return err == nil
 		},
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				if pt.Get(i).IsNone() {
+					continue
+				}
+				batch = append(batch, moved{off: pt.VA(i) - from, e: pt.GetAndClear(i)})
+			}
+			return true
+		},
 	})
-	if err != nil {
-		return err
+	if err == nil {
+		err = rerr
 	}
-	for off := uint64(0); off < n; off += PageSize {
-		src, ok, lerr := mm.table.LockPTE(from + off)
-		if lerr != nil {
-			return lerr
-		}
-		if !ok {
-			off = (from + off) | (pagetable.HugeSize - 1) - from // skip the empty 2 MiB
-			continue
-		}
-		e := src.GetAndClear(src.Index(from + off))
-		src.Unlock()
-		if e.IsNone() {
-			continue
-		}
-		dst, aerr := mm.table.AllocLockPTE(to + off)
+	for k, mv := range batch {
+		dst, aerr := mm.table.AllocLockPTE(to + mv.off)
 		if aerr != nil {
-			// Put it back: the move fails as a whole only on ENOMEM, and
-			// the entry must not be lost.
-			back, _ := mm.table.AllocLockPTE(from + off)
-			back.Set(back.Index(from+off), e)
-			back.Unlock()
+			// Out of memory for a destination table: put the rest back
+			// where they were, so no entry is lost, and fail.
+			for _, back := range batch[k:] {
+				pt, _ := mm.table.AllocLockPTE(from + back.off)
+				pt.Set(pt.Index(from+back.off), back.e)
+				pt.Unlock()
+			}
 			return aerr
 		}
-		dst.Set(dst.Index(to+off), e)
+		dst.Set(dst.Index(to+mv.off), mv.e)
 		dst.Unlock()
 	}
-	return nil
+	return err
 }

@@ -52,8 +52,9 @@ func (c *Class) String() string {
 //	          mm->page_table_lock
 //	            pmd lock (split PMD lock)
 //	              ptlock (split PTE-table lock)
-//	                cpu (a simulated CPU between two accesses: taking it
-//	                     is delivering an IPI)
+//
+// Below all of these sits a simulated CPU's access lock (package tlb), a
+// leaf under which no lock is ever taken, so it is not a class here.
 var (
 	ClassMmapLock      = NewClass("mmap_lock", 100)
 	ClassTakeAllMutex  = NewClass("mm_all_locks_mutex", 150)
@@ -63,5 +64,4 @@ var (
 	ClassPageTableLock = NewClass("page_table_lock", 500)
 	ClassPMDLock       = NewClass("pmd_lock", 550)
 	ClassPTLock        = NewClass("ptlock", 600)
-	ClassCPU           = NewClass("cpu", 700)
 )

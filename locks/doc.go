@@ -19,7 +19,7 @@
 // The gomm order is declared once, by the Class variables in class.go:
 //
 //	mmap_lock > mm_all_locks_mutex > page lock > i_mmap_rwsem >
-//	anon_vma > page_table_lock > pmd lock > ptlock > cpu
+//	anon_vma > page_table_lock > pmd lock > ptlock
 //
 // A goroutine holding a lock of one class may only take locks of later
 // classes. Two locks of one class are held together only with a nesting

@@ -17,7 +17,7 @@ var lockdepOn atomic.Bool
 const maxRecordedViolations = 1000
 
 // maxStackDepth is how many frames an acquisition site keeps.
-const maxStackDepth = 16
+const maxStackDepth = 8
 
 type heldLock struct {
 	key    any
@@ -35,6 +35,7 @@ type heldLock struct {
 var lockdep struct {
 	mu         sync.Mutex
 	held       map[int64][]*heldLock // by goroutine; protected by mu
+	byKey      map[any][]*heldLock   // by lock, for releases; protected by mu
 	violations []Violation           // protected by mu
 	dropped    int                   // protected by mu
 	handler    func(Violation)       // protected by mu
@@ -115,6 +116,7 @@ func indent(s string) string {
 func EnableLockdep() {
 	lockdep.mu.Lock()
 	lockdep.held = make(map[int64][]*heldLock)
+	lockdep.byKey = make(map[any][]*heldLock)
 	lockdep.mu.Unlock()
 	lockdepOn.Store(true)
 }
@@ -123,7 +125,7 @@ func EnableLockdep() {
 func DisableLockdep() {
 	lockdepOn.Store(false)
 	lockdep.mu.Lock()
-	lockdep.held = nil
+	lockdep.held, lockdep.byKey = nil, nil
 	lockdep.mu.Unlock()
 }
 
@@ -213,6 +215,7 @@ func trackAcquire(key any, c *Class, sub int, shared, try, nested bool, skip int
 	lockdep.mu.Lock()
 	if lockdep.held == nil {
 		lockdep.held = make(map[int64][]*heldLock)
+		lockdep.byKey = make(map[any][]*heldLock)
 	}
 	if !try {
 		for _, h := range lockdep.held[gid] {
@@ -222,6 +225,7 @@ func trackAcquire(key any, c *Class, sub int, shared, try, nested bool, skip int
 		}
 	}
 	lockdep.held[gid] = append(lockdep.held[gid], me)
+	lockdep.byKey[key] = append(lockdep.byKey[key], me)
 	for _, v := range found {
 		if len(lockdep.violations) < maxRecordedViolations {
 			lockdep.violations = append(lockdep.violations, v)
@@ -272,37 +276,56 @@ func conflict(held, next *heldLock) ViolationKind {
 }
 
 func trackRelease(key any) {
-	gid := goid()
 	lockdep.mu.Lock()
-	defer lockdep.mu.Unlock()
-	if removeHeld(gid, key) {
-		return
+	holders := lockdep.byKey[key]
+	if len(holders) == 0 {
+		lockdep.mu.Unlock()
+		return // taken before the checker was turned on
 	}
-	for other := range lockdep.held {
-		if removeHeld(other, key) {
+	h := holders[0]
+	if len(holders) > 1 {
+		// Shared holders: release the caller's own record if it has one.
+		// Finding out who the caller is costs a stack read, so it is paid
+		// only here.
+		lockdep.mu.Unlock()
+		gid := goid()
+		lockdep.mu.Lock()
+		holders = lockdep.byKey[key]
+		if len(holders) == 0 {
+			lockdep.mu.Unlock()
 			return
 		}
-	}
-}
-
-// removeHeld drops the newest record of key held by gid. Called with
-// lockdep.mu held.
-func removeHeld(gid int64, key any) bool {
-	list := lockdep.held[gid]
-	for i := len(list) - 1; i >= 0; i-- {
-		if list[i].key == key {
-			copy(list[i:], list[i+1:])
-			list[len(list)-1] = nil
-			list = list[:len(list)-1]
-			if len(list) == 0 {
-				delete(lockdep.held, gid)
-			} else {
-				lockdep.held[gid] = list
+		h = holders[0]
+		for _, x := range holders {
+			if x.gid == gid {
+				h = x
+				break
 			}
-			return true
 		}
 	}
-	return false
+	lockdep.byKey[key] = removeRecord(holders, h)
+	if len(lockdep.byKey[key]) == 0 {
+		delete(lockdep.byKey, key)
+	}
+	list := removeRecord(lockdep.held[h.gid], h)
+	if len(list) == 0 {
+		delete(lockdep.held, h.gid)
+	} else {
+		lockdep.held[h.gid] = list
+	}
+	lockdep.mu.Unlock()
+}
+
+// removeRecord removes h from list, keeping the order.
+func removeRecord(list []*heldLock, h *heldLock) []*heldLock {
+	for i := len(list) - 1; i >= 0; i-- {
+		if list[i] == h {
+			copy(list[i:], list[i+1:])
+			list[len(list)-1] = nil
+			return list[:len(list)-1]
+		}
+	}
+	return list
 }
 
 // trackDowngrade turns the calling goroutine's exclusive hold of key into a

@@ -59,7 +59,9 @@ const (
 	chunkSize  = 1 << chunkShift
 )
 
-type frameChunk [chunkSize]Frame
+// frameChunk is up to chunkSize frames: the last chunk of a small
+// machine holds only the frames it has.
+type frameChunk []Frame
 
 // Allocator is the machine's physical memory: a fixed number of frames
 // (mm/page_alloc.c, with one zone and order-0 pages only). The Frame
@@ -99,7 +101,7 @@ func (a *Allocator) frame(pfn uint32) *Frame {
 	if c == nil {
 		c = a.makeChunk(int(pfn >> chunkShift))
 	}
-	return &c[pfn&(chunkSize-1)]
+	return &(*c)[pfn&(chunkSize-1)]
 }
 
 func (a *Allocator) makeChunk(i int) *frameChunk {
@@ -108,13 +110,13 @@ func (a *Allocator) makeChunk(i int) *frameChunk {
 	if c := a.chunks[i].Load(); c != nil {
 		return c
 	}
-	c := new(frameChunk)
+	c := make(frameChunk, min(chunkSize, a.nframes-i<<chunkShift))
 	for j := range c {
 		c[j].pfn = uint32(i<<chunkShift + j)
 		c[j].data.Store(poisonData)
 	}
-	a.chunks[i].Store(c)
-	return c
+	a.chunks[i].Store(&c)
+	return &c
 }
 
 // Frames returns the RAM size in frames.

@@ -6,7 +6,6 @@ import (
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/gomm-dev/gomm/internal/check"
-	"github.com/gomm-dev/gomm/locks"
 	"github.com/gomm-dev/gomm/physmem"
 )
 
@@ -128,7 +127,6 @@ func NewSystem(cfg Config) (*System, error) {
 	s := &System{mode: cfg.Lazy, ram: cfg.RAM, chk: cfg.Checker}
 	for i := range cfg.CPUs {
 		c := &CPU{id: i, sys: s, curr: idleTask}
-		c.mu.Init(locks.ClassCPU)
 		c.sets = make([][tlbWays]entry, cfg.TLBEntries/tlbWays)
 		c.huge = make([]entry, cfg.HugeEntries)
 		s.cpus = append(s.cpus, c)

@@ -1,0 +1,107 @@
+package gomm_test
+
+import (
+	"encoding/binary"
+	"errors"
+	"slices"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/pagetable"
+)
+
+// typed reports whether err is one of the errno values.
+func typed(err error) bool {
+	for _, e := range []error{errno.ErrInvalid, errno.ErrNoMem, errno.ErrFault, errno.ErrExist, errno.ErrClosed} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// FuzzSyscalls drives every MM entry point with arbitrary arguments: no
+// panic, only errno errors, an address space unchanged by any call that
+// fails, and a silent checker.
+func FuzzSyscalls(f *testing.F) {
+	seed := func(op byte, a, b, c uint64) []byte {
+		buf := make([]byte, 25)
+		buf[0] = op
+		binary.LittleEndian.PutUint64(buf[1:], a)
+		binary.LittleEndian.PutUint64(buf[9:], b)
+		binary.LittleEndian.PutUint64(buf[17:], c)
+		return buf
+	}
+	f.Add(seed(0, 0x10000000, 0x3000, 0x22_0003))
+	f.Add(append(seed(0, 0, 0x2000, 0x8022_0003), seed(2, 0x10000000, 0x1000, 1)...))
+	f.Add(append(seed(0, 0x10000000, 0x4000, 0x32_0003), seed(4, 0x10000000, 0x4000, 0x1_0000_2000)...))
+	f.Add(seed(5, 0x7fff_ffff_0000, 0x2000000, 0))
+	f.Fuzz(func(t *testing.T, prog []byte) {
+		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, Check: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mm := m.NewMM()
+		cpu := m.CPU(0)
+		cpu.Switch(mm.NewTask("fuzz"))
+		for len(prog) >= 25 {
+			op := prog[0] % 9
+			a := binary.LittleEndian.Uint64(prog[1:])
+			b := binary.LittleEndian.Uint64(prog[9:])
+			c := binary.LittleEndian.Uint64(prog[17:])
+			prog = prog[25:]
+			before, rss := mm.VMAs(), mm.RSS()
+			var err error
+			mutates := true
+			switch op {
+			case 0:
+				_, err = mm.Mmap(a, b, gomm.Prot(c), gomm.MapFlags(c>>8))
+			case 1:
+				err = mm.Munmap(a, b)
+			case 2:
+				err = mm.Mprotect(a, b, gomm.Prot(c))
+			case 3:
+				err = mm.Madvise(a, b, gomm.Advice(int32(c)))
+			case 4:
+				_, err = mm.Mremap(a, b, c&0xffff_ffff_ffff, gomm.MremapFlags(c>>48), a^c)
+			case 5:
+				mutates = false
+				err = mm.HandleFault(a, pagetable.Access(b&7))
+			case 6:
+				mutates = false
+				buf := make([]byte, b%9000)
+				_, err = mm.ReadAt(buf, a)
+			case 7:
+				mutates = false
+				_, err = mm.WriteAt(make([]byte, b%9000), a)
+			case 8:
+				mutates = false
+				if b&1 == 0 {
+					_, err = cpu.Load64(a)
+				} else {
+					err = cpu.Store64(a, c)
+				}
+			}
+			if err == nil {
+				continue
+			}
+			if !typed(err) {
+				t.Fatalf("op %d(%#x, %#x, %#x): untyped error %v", op, a, b, c, err)
+			}
+			if mutates && (!slices.Equal(before, mm.VMAs()) || rss != mm.RSS()) {
+				t.Fatalf("op %d(%#x, %#x, %#x) failed (%v) but changed the address space", op, a, b, c, err)
+			}
+		}
+		cpu.Switch(tlbIdle())
+		if err := mm.Exit(); err != nil {
+			t.Fatal(err)
+		}
+		if free := m.RAM().Stats().Free; free != 255 {
+			t.Fatalf("%d frames free after exit", free)
+		}
+		if v, n := m.Violations(); n > 0 {
+			t.Fatalf("checker: %v", v[0])
+		}
+	})
+}
