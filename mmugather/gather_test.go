@@ -17,15 +17,13 @@ import (
 
 const page = pagetable.PageSize
 
-// populate maps n pages from va, each with one mapping (mapcount 1), and
+// populate maps n pages from va, each with one mapping, and
 // has every CPU run the mm and touch them.
 func populate(t *testing.T, r *testrig.Rig, s *testrig.Space, va uint64, n int) []*physmem.Frame {
 	t.Helper()
 	var frames []*physmem.Frame
 	for i := range n {
-		f := s.MapPage(va+uint64(i)*page, testrig.RWU, uint64(i))
-		f.IncMapCount()
-		frames = append(frames, f)
+		frames = append(frames, s.MapPage(va+uint64(i)*page, testrig.RWU, uint64(i)))
 	}
 	for _, cpu := range r.Sys.CPUs() {
 		cpu.Switch(tlb.NewUserTask("t", s.Ctx))
