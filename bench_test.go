@@ -1,0 +1,113 @@
+package gomm_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/internal/testmain"
+)
+
+func benchMachine(b *testing.B, cfg gomm.Config) *gomm.Machine {
+	b.Helper()
+	testmain.WithoutLockdep(b)
+	m, err := gomm.NewMachine(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// BenchmarkFaultIn: anonymous write faults taken by a CPU, one per page,
+// over 64 MiB (fault, frame allocation, PTE install, TLB fill, store).
+func BenchmarkFaultIn(b *testing.B) {
+	const size = 64 << 20
+	m := benchMachine(b, gomm.Config{CPUs: 1, Frames: size/page + 1024})
+	mm := m.NewMM()
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("bench"))
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		addr, err := mm.Mmap(0, size, gomm.ProtRead|gomm.ProtWrite, anon)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		for va := addr; va < addr+size; va += page {
+			if err := cpu.Store64(va, va); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StopTimer()
+		if err := mm.Munmap(addr, size); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/(size/page), "ns/page")
+}
+
+// BenchmarkMunmap1GiB: munmap of 1 GiB populated with 4 KiB pages while
+// every CPU runs the MM; reports time per page and, per call, the TLB
+// flushes and IPIs (one flush per gather batch, one IPI per CPU each).
+func BenchmarkMunmap1GiB(b *testing.B) {
+	const size = 1 << 30
+	for _, cpus := range []int{1, 4} {
+		b.Run(fmt.Sprintf("cpus=%d", cpus), func(b *testing.B) {
+			m := benchMachine(b, gomm.Config{CPUs: cpus, Frames: size/page + 4096})
+			mm := m.NewMM()
+			for _, c := range m.CPUs() {
+				c.Switch(mm.NewTask("t"))
+			}
+			var flushes, ipis uint64
+			for b.Loop() {
+				b.StopTimer()
+				addr, err := mm.Mmap(0, size, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapPopulate)
+				if err != nil {
+					b.Fatal(err)
+				}
+				before := m.Stats().TLB
+				b.StartTimer()
+				if err := mm.Munmap(addr, size); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				after := m.Stats().TLB
+				flushes += after.FlushRequests - before.FlushRequests
+				ipis += after.IPIs - before.IPIs
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/(size/page), "ns/page")
+			b.ReportMetric(float64(flushes)/float64(b.N), "flushes/op")
+			b.ReportMetric(float64(ipis)/float64(b.N), "IPIs/op")
+		})
+	}
+}
+
+// BenchmarkLazyTLBSchedule: an exec/exit-heavy schedule on 4 CPUs: each
+// round an MM is created, runs a task on one CPU, which then switches to
+// a kernel thread (lazy), and the MM exits. Reports mm_count atomics and
+// shootdown IPIs per round for both lazy-TLB schemes.
+func BenchmarkLazyTLBSchedule(b *testing.B) {
+	for _, mode := range []gomm.LazyTLBMode{gomm.LazyRefcount, gomm.LazyShootdown} {
+		b.Run(mode.String(), func(b *testing.B) {
+			m := benchMachine(b, gomm.Config{CPUs: 4, Frames: 4096, LazyTLB: mode})
+			kthread := tlbIdle()
+			i := 0
+			for b.Loop() {
+				mm := m.NewMM()
+				cpu := m.CPU(i % 4)
+				cpu.Switch(mm.NewTask("t"))
+				cpu.Switch(kthread)
+				if err := mm.Exit(); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+			st := m.Stats().TLB
+			b.ReportMetric(float64(st.CountOps)/float64(b.N), "mm_count-atomics/op")
+			b.ReportMetric(float64(st.ShootdownIPIs)/float64(b.N), "shootdown-IPIs/op")
+		})
+	}
+}
