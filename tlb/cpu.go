@@ -2,7 +2,9 @@ package tlb
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/internal/check"
 	"github.com/gomm-dev/gomm/pagetable"
@@ -59,6 +61,12 @@ type CPU struct {
 	// is a plain mutex, outside the lock-order checker, which would
 	// otherwise charge every simulated access a stack capture.
 	mu sync.Mutex
+	// ipiPending counts IPI senders waiting for mu. An access backs off
+	// while it is non-zero, so a CPU looping over accesses cannot starve
+	// an IPI: interrupts take priority over the next instruction, as on
+	// hardware. (sync.Mutex lets a goroutine that releases and retakes a
+	// lock win for up to a millisecond before waiters get their turn.)
+	ipiPending atomic.Int32
 
 	// All below protected by mu.
 	curr        *Task
@@ -77,6 +85,35 @@ type CPU struct {
 
 // ID returns the CPU number.
 func (c *CPU) ID() int { return c.id }
+
+// tickEvery is how many accesses a CPU makes between two yields: the
+// scheduler tick of a simulated machine, which usually has more CPUs and
+// mutators than the host has cores. Without it a CPU in a tight loop
+// holds a host core for a whole Go time slice (10 ms) while an munmap
+// waits for a core to send its IPIs from.
+const tickEvery = 1024
+
+// lockForAccess takes mu for one access, after any pending IPI, yielding
+// the host core once every tickEvery accesses.
+func (c *CPU) lockForAccess() {
+	for c.ipiPending.Load() != 0 {
+		runtime.Gosched()
+	}
+	c.mu.Lock()
+	if c.clock%tickEvery == tickEvery-1 {
+		c.clock++
+		c.mu.Unlock()
+		runtime.Gosched()
+		c.mu.Lock()
+	}
+}
+
+// lockForIPI takes mu to deliver an IPI, ahead of the CPU's next access.
+func (c *CPU) lockForIPI() {
+	c.ipiPending.Add(1)
+	c.mu.Lock()
+	c.ipiPending.Add(-1)
+}
 
 // unlock releases mu and then drops any lazy mm reference the locked
 // section gave up: the drop may be the final mmdrop, which must not run
@@ -329,7 +366,7 @@ func lru(es []entry) *entry {
 // a kernel thread has no user mm and faults.
 func (c *CPU) Translate(va uint64, acc pagetable.Access) (uint64, error) {
 	acc |= pagetable.AccessUser
-	c.mu.Lock()
+	c.lockForAccess()
 	pfn, tr, ok := c.translateLocked(va, acc)
 	c.mu.Unlock()
 	if !ok {
@@ -353,7 +390,7 @@ const maxFaultRetries = 64
 func (c *CPU) pin(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 	acc |= pagetable.AccessUser
 	for range maxFaultRetries {
-		c.mu.Lock()
+		c.lockForAccess()
 		pfn, tr, ok := c.translateLocked(va, acc)
 		if ok {
 			f, err := c.sys.ram.Frame(physmem.PFN(pfn))

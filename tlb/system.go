@@ -197,7 +197,7 @@ func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, f
 	info.newGen = ctx.gen.Add(1)
 	for _, id := range ctx.CPUs() {
 		c := s.cpus[id]
-		c.mu.Lock()
+		c.lockForIPI()
 		switch {
 		case c.loaded != ctx:
 			// A stale mask bit: the CPU has switched away since.
@@ -217,7 +217,7 @@ func (s *System) shootLazies(ctx *Context) {
 	for _, id := range ctx.CPUs() {
 		c := s.cpus[id]
 		s.stats.shootIPIs.Add(1)
-		c.mu.Lock()
+		c.lockForIPI()
 		if c.loaded == ctx {
 			if !c.lazy {
 				// Not lazy: a task of the mm still runs here, which only a
@@ -239,7 +239,7 @@ func (s *System) shootLazies(ctx *Context) {
 func (s *System) Membarrier(ctx *Context) int {
 	n := 0
 	for _, c := range s.cpus {
-		c.mu.Lock()
+		c.lockForIPI()
 		if c.curr.ctx == ctx && !c.lazy {
 			s.stats.membarrierIPIs.Add(1)
 			c.barriers++
