@@ -94,20 +94,18 @@ func (mm *MM) exclusive(e pagetable.PTE) bool {
 // newAnonPage allocates a zeroed frame and installs it at page if the
 // entry still holds old; retry is true if it changed meanwhile.
 func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, err error) {
-	f, err := mm.m.ram.Alloc()
+	f, err := mm.allocAnon(page, nil)
 	if err != nil {
-		return false, fmt.Errorf("gomm: fault at %#x: %w", page, err)
+		return false, err
 	}
-	f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
 		return false, err
 	}
 	i := pt.Index(page)
-	e := pagetable.NewPTE(uint64(f.PFN()), v.prot.leafBits()|pagetable.Write|pagetable.Dirty|pagetable.Accessed)
 	f.IncMapCount()
-	if !pt.CompareAndSet(i, old, e) {
+	if !pt.CompareAndSet(i, old, anonPTE(v, f)) {
 		pt.Unlock()
 		f.DecMapCount()
 		_ = mm.m.ram.Put(f)
@@ -127,15 +125,10 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	if err != nil {
 		return false, err
 	}
-	f, err := mm.m.ram.Alloc()
+	f, err := mm.allocAnon(page, src)
 	if err != nil {
-		return false, fmt.Errorf("gomm: copy-on-write at %#x: %w", page, err)
-	}
-	if err := f.CopyFrom(src); err != nil {
-		_ = mm.m.ram.Put(f)
 		return false, err
 	}
-	f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
@@ -152,7 +145,7 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	pt.GetAndClear(i)
 	mm.m.sys.FlushRange(mm.ctx, page, page+PageSize, pagetable.PageShift, false)
 	f.IncMapCount()
-	pt.Set(i, pagetable.NewPTE(uint64(f.PFN()), v.prot.leafBits()|pagetable.Write|pagetable.Dirty|pagetable.Accessed))
+	pt.Set(i, anonPTE(v, f))
 	pt.Unlock()
 	mm.rss.Add(1)
 	if old&pagetable.Special == 0 {
@@ -163,4 +156,27 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 		}
 	}
 	return false, nil
+}
+
+// allocAnon allocates a frame for anonymous memory at page, zeroed or a
+// copy of src.
+func (mm *MM) allocAnon(page uint64, src *physmem.Frame) (*physmem.Frame, error) {
+	f, err := mm.m.ram.Alloc()
+	if err != nil {
+		return nil, fmt.Errorf("gomm: fault at %#x: %w", page, err)
+	}
+	if src != nil {
+		if err := f.CopyFrom(src); err != nil {
+			_ = mm.m.ram.Put(f)
+			return nil, err
+		}
+	}
+	f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
+	return f, nil
+}
+
+// anonPTE is the entry of a private anonymous page of v just written:
+// writable, dirty and young.
+func anonPTE(v *vma, f *physmem.Frame) pagetable.PTE {
+	return pagetable.NewPTE(uint64(f.PFN()), v.prot.leafBits()|pagetable.Write|pagetable.Dirty|pagetable.Accessed)
 }

@@ -10,14 +10,20 @@ import (
 	"github.com/gomm-dev/gomm/tlb"
 )
 
-// BenchmarkTLBHit: Translate of an address whose entry is in the TLB.
-func BenchmarkTLBHit(b *testing.B) {
+// oneMappedPage returns a CPU running a space with 0x1000 mapped.
+func oneMappedPage(b *testing.B) *tlb.CPU {
 	testmain.WithoutLockdep(b)
 	r := testrig.New(b, 1, tlb.LazyRefcount)
 	s := r.NewSpace()
 	s.MapPage(0x1000, testrig.RWU, 0)
 	cpu := r.Sys.CPU(0)
 	cpu.Switch(tlb.NewUserTask("t", s.Ctx))
+	return cpu
+}
+
+// BenchmarkTLBHit: Translate of an address whose entry is in the TLB.
+func BenchmarkTLBHit(b *testing.B) {
+	cpu := oneMappedPage(b)
 	if _, err := cpu.Translate(0x1000, pagetable.AccessRead); err != nil {
 		b.Fatal(err)
 	}
@@ -31,12 +37,7 @@ func BenchmarkTLBHit(b *testing.B) {
 
 // BenchmarkLoad64Hit: a whole load through a TLB hit, data included.
 func BenchmarkLoad64Hit(b *testing.B) {
-	testmain.WithoutLockdep(b)
-	r := testrig.New(b, 1, tlb.LazyRefcount)
-	s := r.NewSpace()
-	s.MapPage(0x1000, testrig.RWU, 0)
-	cpu := r.Sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("t", s.Ctx))
+	cpu := oneMappedPage(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := cpu.Load64(0x1008); err != nil {
@@ -48,12 +49,7 @@ func BenchmarkLoad64Hit(b *testing.B) {
 // BenchmarkTLBMiss: a walk and fill every time (the entry is flushed
 // locally between accesses).
 func BenchmarkTLBMiss(b *testing.B) {
-	testmain.WithoutLockdep(b)
-	r := testrig.New(b, 1, tlb.LazyRefcount)
-	s := r.NewSpace()
-	s.MapPage(0x1000, testrig.RWU, 0)
-	cpu := r.Sys.CPU(0)
-	cpu.Switch(tlb.NewUserTask("t", s.Ctx))
+	cpu := oneMappedPage(b)
 	for b.Loop() {
 		cpu.FlushLocal()
 		if _, err := cpu.Translate(0x1008, pagetable.AccessRead); err != nil {
