@@ -135,7 +135,7 @@ func (mm *MM) VMAs() []VMA {
 func (mm *MM) exitMmap() error {
 	mm.mmapLock.Lock()
 	mm.exited = true
-	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx, nil)
+	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
 	var err error
 	var nfreed int
 	mm.vmas.t.Ascend(func(v *vma) bool {
@@ -196,7 +196,7 @@ func (mm *MM) PageTableFrames() int {
 
 // newGather starts a gather on the MM.
 func newGather(mm *MM) *mmugather.Gather {
-	return mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx, nil)
+	return mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx)
 }
 
 // checkOpen fails once the MM has exited. Called with mmap_lock held.

@@ -29,7 +29,8 @@ func Example() {
 	}
 	ram.OnFree(func(f *physmem.Frame) { fmt.Println("freed pfn", f.PFN()) })
 
-	g := mmugather.Start(sys, ram, ctx, device{})
+	ctx.SetSecondaryTLBs(device{})
+	g := mmugather.Start(sys, ram, ctx)
 	st, _ := g.Zap(0x10000, 0x14000)
 	_ = g.Finish()
 	fmt.Println("cleared", st.Present, "flushes", g.Flushes())

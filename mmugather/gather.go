@@ -15,27 +15,18 @@ import (
 // memory nor flushes per page.
 const BatchPages = 10000
 
-// SecondaryTLBs is the call site of invalidate_secondary_tlbs: devices
-// that walk the CPU page table themselves (IOMMU with ATS/PASID, the 2014
-// thread) must drop their cached translations after the CPU TLB flush and
-// before the frames are freed. The notifier layer implements it.
-type SecondaryTLBs interface {
-	InvalidateSecondaryTLBs(start, end uint64)
-}
-
 // Gather batches the teardown of translations in one mm (struct
 // mmu_gather): it records the range of entries cleared, queues the frames
 // they mapped and the page tables freed, and on Flush does, in this order:
-// one CPU TLB flush of the recorded range, the secondary-TLB invalidation,
-// the freeing of the frames, and, once lockless walkers are synced, the
-// poisoning of the tables.
+// one CPU TLB flush of the recorded range (which ends with the context's
+// secondary-TLB invalidation), the freeing of the frames, and, once
+// lockless walkers are synced, the poisoning of the tables.
 //
 // A Gather is used by one goroutine.
 type Gather struct {
 	ctx       *tlb.Context
 	sys       *tlb.System
 	ram       *physmem.Allocator
-	secondary SecondaryTLBs
 
 	fullmm      bool
 	start, end  uint64 // range of cleared entries; start >= end when none
@@ -50,19 +41,19 @@ type Gather struct {
 	freedPags int // frames it released
 }
 
-// Start begins a gather for [start, end) of ctx's mm (tlb_gather_mmu).
-// secondary may be nil. Finish must be called.
-func Start(sys *tlb.System, ram *physmem.Allocator, ctx *tlb.Context, secondary SecondaryTLBs) *Gather {
+// Start begins a gather on ctx's mm (tlb_gather_mmu). Finish must be
+// called.
+func Start(sys *tlb.System, ram *physmem.Allocator, ctx *tlb.Context) *Gather {
 	ctx.IncFlushPending()
-	g := &Gather{ctx: ctx, sys: sys, ram: ram, secondary: secondary}
+	g := &Gather{ctx: ctx, sys: sys, ram: ram}
 	g.resetRange()
 	return g
 }
 
 // StartFullMM begins a gather that tears the whole mm down
 // (tlb_gather_mmu_fullmm, for exit): every flush is of the whole mm.
-func StartFullMM(sys *tlb.System, ram *physmem.Allocator, ctx *tlb.Context, secondary SecondaryTLBs) *Gather {
-	g := Start(sys, ram, ctx, secondary)
+func StartFullMM(sys *tlb.System, ram *physmem.Allocator, ctx *tlb.Context) *Gather {
+	g := Start(sys, ram, ctx)
 	g.fullmm = true
 	return g
 }
@@ -128,14 +119,10 @@ func (g *Gather) Flush() error {
 		if g.fullmm {
 			start, end = 0, tlb.FlushAll
 		}
+		// FlushRange also invalidates the secondary TLBs (the context's
+		// hook), before the frames below are freed.
 		g.sys.FlushRange(g.ctx, start, end, g.strideShift, g.freedTables)
 		g.flushes++
-		if g.secondary != nil {
-			if end == tlb.FlushAll {
-				end = ^uint64(0)
-			}
-			g.secondary.InvalidateSecondaryTLBs(start, end)
-		}
 		g.resetRange()
 	}
 	var errs []error

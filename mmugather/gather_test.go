@@ -64,7 +64,8 @@ func TestFlushOrder(t *testing.T) {
 	s := r.NewSpace()
 	frames := populate(t, r, s, 0x40000, 4)
 	probe := &orderProbe{r: r, frames: frames}
-	g := mmugather.Start(r.Sys, r.RAM, s.Ctx, probe)
+	s.Ctx.SetSecondaryTLBs(probe)
+	g := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 	st, err := g.Zap(0x40000, 0x40000+4*page)
 	require.NoError(t, err)
 	assert.Equal(t, mmugather.ZapStats{Present: 4, Frames: 4}, st)
@@ -109,7 +110,7 @@ func TestZapBatchesFlushes(t *testing.T) {
 	for _, cpu := range sys.CPUs() {
 		cpu.Switch(tlb.NewUserTask("t", s.Ctx))
 	}
-	g := mmugather.Start(sys, ram, s.Ctx, nil)
+	g := mmugather.Start(sys, ram, s.Ctx)
 	st, err := g.Zap(0, uint64(n)*page)
 	require.NoError(t, err)
 	assert.Equal(t, n, st.Present)
@@ -147,7 +148,7 @@ func TestZapSpecialSwapAndHuge(t *testing.T) {
 	require.Zero(t, base%512, "test assumes an aligned run, pfn %d", base)
 	require.NoError(t, s.Table.MapHuge(0x40_0000, pagetable.NewPTE(base, testrig.RWU)))
 
-	g := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
+	g := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 	st, err := g.Zap(0, 0x40_0000+pagetable.HugeSize)
 	require.NoError(t, err)
 	assert.Equal(t, mmugather.ZapStats{Present: 1, Huge: 1, Other: 1, Frames: 512}, st)
@@ -165,7 +166,7 @@ func TestFreedTablesArePoisonedAfterTheFlush(t *testing.T) {
 	lazy := r.Sys.CPU(1)
 	lazy.Switch(tlb.NewKernelThread("k"))
 
-	g := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
+	g := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 	_, err := g.Zap(0x20_0000, 0x40_0000)
 	require.NoError(t, err)
 	freed, err := s.Table.FreeEmpty(0x20_0000, 0x40_0000, nil)
@@ -196,12 +197,12 @@ func concurrentZap(t *testing.T, rng *rand.Rand) []check.Violation {
 	bHi := bLo + 1 + rng.IntN(n-bLo)
 	va := func(i int) uint64 { return 0x100000 + uint64(i)*page }
 
-	a := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
+	a := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 	_, err := a.Zap(va(aLo), va(aHi))
 	require.NoError(t, err)
 
 	since := r.Chk.BeginDowngrade()
-	b := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
+	b := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 	_, err = b.Zap(va(bLo), va(bHi))
 	require.NoError(t, err)
 	require.NoError(t, b.Finish())
@@ -273,7 +274,7 @@ func TestConcurrentGathersStress(t *testing.T) {
 				lo := rng.IntN(pages)
 				hi := lo + 1 + rng.IntN(pages-lo)
 				since := r.Chk.BeginDowngrade()
-				g := mmugather.Start(r.Sys, r.RAM, s.Ctx, nil)
+				g := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 				if _, err := g.Zap(0x100000+uint64(lo)*page, 0x100000+uint64(hi)*page); err != nil {
 					t.Error(err)
 				}

@@ -14,6 +14,14 @@ type FaultHandler interface {
 	HandleFault(va uint64, acc pagetable.Access) error
 }
 
+// SecondaryTLBs is told about every TLB flush of a context, after the
+// CPUs flushed and before the caller frees what the flush covered: the
+// call site of invalidate_secondary_tlbs, for devices that walk the CPU
+// page table themselves. It must not sleep.
+type SecondaryTLBs interface {
+	InvalidateSecondaryTLBs(start, end uint64)
+}
+
 // Context is the TLB side of an mm: what arch/x86 keeps in mm->context and
 // the scheduler in mm_struct: the page table CPUs walk, the TLB generation,
 // the mask of CPUs that may cache the mm, mm_count, and tlb_flush_pending.
@@ -38,6 +46,7 @@ type Context struct {
 	flushPending atomic.Int32
 	freed        atomic.Bool
 	onFree       func() // __mmdrop's caller-side work; set once before sharing
+	secondary    SecondaryTLBs
 }
 
 // NewContext creates the TLB context of a new mm whose page table is
@@ -57,6 +66,10 @@ func (s *System) NewContext(table *pagetable.Table, fault FaultHandler, onFree f
 	c.count.Store(1)
 	return c
 }
+
+// SetSecondaryTLBs installs the hook every FlushRange of this context
+// calls after the CPU flush. Call it before the context is shared.
+func (c *Context) SetSecondaryTLBs(s SecondaryTLBs) { c.secondary = s }
 
 // ID returns the context's identity, stable for its lifetime and never
 // reused by the System.

@@ -186,8 +186,10 @@ type flushInfo struct {
 // mm at once, since even a speculative walk could read a freed table.
 //
 // The caller is not one of the CPUs, so every CPU that flushes does so in
-// an IPI, handled between two of its accesses. It returns when every IPI
-// has been handled.
+// an IPI, handled between two of its accesses. When every IPI has been
+// handled, the context's SecondaryTLBs hook (if any) is told about the
+// same range (the whole address space for a full flush), and then
+// FlushRange returns.
 func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, freedTables bool) {
 	s.stats.flushRequests.Add(1)
 	info := flushInfo{ctx: ctx, start: start, end: end, strideShift: strideShift, freedTables: freedTables}
@@ -208,6 +210,13 @@ func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, f
 			c.flushTLBFunc(&info)
 		}
 		c.unlock()
+	}
+	if ctx.secondary != nil {
+		end := info.end
+		if end == FlushAll {
+			end = ^uint64(0)
+		}
+		ctx.secondary.InvalidateSecondaryTLBs(info.start, end)
 	}
 }
 

@@ -1,0 +1,245 @@
+package notifier
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// IntervalOps is what an interval notifier's owner implements
+// (mmu_interval_notifier_ops).
+type IntervalOps interface {
+	// Invalidate is called when an invalidation intersects the interval,
+	// before any entry changes. The driver takes its own lock, calls
+	// in.SetSeq(curSeq) under it, and drops whatever it mirrors of the
+	// range. For a non-blockable range it must not sleep, and may return
+	// false instead to make the whole invalidation fail with ErrAgain.
+	Invalidate(in *Interval, r *Range, curSeq uint64) bool
+}
+
+// Interval is an interval notifier (struct mmu_interval_notifier): a
+// subscription to invalidations of [start, end) only, with a sequence
+// number that lets a driver fault pages in without holding a lock across
+// the fault: ReadBegin, fault, take the driver lock, ReadRetry, and only
+// then install the translation.
+type Interval struct {
+	list       *List
+	start, end uint64
+	ops        IntervalOps
+	// seq is the mm's invalidate sequence as of the last invalidation that
+	// reached this interval (odd while it runs); written by SetSeq under
+	// the driver's lock and read by ReadRetry under it.
+	seq     atomic.Uint64
+	removed bool // protected by intervals.mu
+}
+
+// Start and End return the interval's bounds.
+func (in *Interval) Start() uint64 { return in.start }
+
+// End returns the end of the interval (exclusive).
+func (in *Interval) End() uint64 { return in.end }
+
+// SetSeq records that an invalidation with sequence curSeq reached the
+// interval (mmu_interval_set_seq). Call it from Invalidate, under the
+// lock that also guards ReadRetry.
+func (in *Interval) SetSeq(curSeq uint64) { in.seq.Store(curSeq) }
+
+// ReadBegin starts a read side (mmu_interval_read_begin): it returns a
+// sequence to check later with ReadRetry, waiting first if an
+// invalidation of this interval is in flight.
+func (in *Interval) ReadBegin() uint64 {
+	iv := &in.list.iv
+	iv.mu.Lock()
+	defer iv.mu.Unlock()
+	seq := in.seq.Load()
+	for seq == iv.seq {
+		// An invalidation that reached us is running: wait for its end.
+		iv.cond.Wait()
+	}
+	return seq
+}
+
+// ReadRetry reports whether an invalidation reached the interval since
+// ReadBegin returned seq (mmu_interval_read_retry). Call it under the
+// driver's lock, just before installing what was read.
+func (in *Interval) ReadRetry(seq uint64) bool { return in.seq.Load() != seq }
+
+// CheckRetry is ReadRetry for use without the driver's lock, as an early
+// exit from a long read (mmu_interval_check_retry).
+func (in *Interval) CheckRetry(seq uint64) bool { return in.seq.Load() != seq }
+
+// intervals is the interval-notifier half of a List.
+type intervals struct {
+	mu   sync.Mutex
+	cond sync.Cond
+	// seq is the mm's invalidate sequence: even when no invalidation that
+	// reached an interval is running, odd while one is.
+	seq      uint64      // protected by mu
+	active   int         // invalidations in flight; protected by mu
+	list     []*Interval // protected by mu
+	deferred []deferredOp
+	count    atomic.Int32 // len(list), for the no-subscriber fast path
+	released bool         // protected by mu
+}
+
+type deferredOp struct {
+	in     *Interval
+	insert bool
+}
+
+func (iv *intervals) init() { iv.cond.L = &iv.mu }
+
+func (iv *intervals) invalidating() bool { return iv.seq&1 == 1 }
+
+// Insert subscribes ops to invalidations of [start, start+length)
+// (mmu_interval_notifier_insert). Inserting while an invalidation runs is
+// deferred to its end, not refused: until then ReadBegin on the new
+// interval waits.
+func (l *List) Insert(start, length uint64, ops IntervalOps) (*Interval, error) {
+	if length == 0 || start+length < start || ops == nil {
+		return nil, fmt.Errorf("notifier: insert [%#x, +%#x): %w", start, length, ErrInvalid)
+	}
+	in := &Interval{list: l, start: start, end: start + length, ops: ops}
+	iv := &l.iv
+	iv.mu.Lock()
+	defer iv.mu.Unlock()
+	if iv.released {
+		return nil, fmt.Errorf("notifier: insert on mm %d after release: %w", l.mm.ID(), ErrClosed)
+	}
+	if iv.invalidating() {
+		in.seq.Store(iv.seq) // readers wait for the running invalidation
+		iv.deferred = append(iv.deferred, deferredOp{in: in, insert: true})
+		iv.count.Add(1)
+		return in, nil
+	}
+	in.seq.Store(iv.seq - 1) // odd and not current: readers go ahead
+	iv.list = append(iv.list, in)
+	iv.count.Add(1)
+	return in, nil
+}
+
+// Remove unsubscribes the interval (mmu_interval_notifier_remove). If an
+// invalidation runs, the removal is deferred to its end and Remove waits
+// for it: when Remove returns, Invalidate is not running and will not be
+// called again.
+func (in *Interval) Remove() error {
+	iv := &in.list.iv
+	iv.mu.Lock()
+	defer iv.mu.Unlock()
+	if in.removed {
+		return fmt.Errorf("notifier: interval [%#x, %#x) removed twice: %w", in.start, in.end, ErrInvalid)
+	}
+	in.removed = true
+	if iv.invalidating() {
+		seq := iv.seq
+		iv.deferred = append(iv.deferred, deferredOp{in: in})
+		for iv.seq == seq {
+			iv.cond.Wait()
+		}
+		return nil
+	}
+	iv.remove(in)
+	return nil
+}
+
+func (iv *intervals) remove(in *Interval) {
+	for i, x := range iv.list {
+		if x == in {
+			iv.list = append(iv.list[:i:i], iv.list[i+1:]...)
+			iv.count.Add(-1)
+			return
+		}
+	}
+	// A deferred insert removed before it happened.
+	for i, d := range iv.deferred {
+		if d.in == in && d.insert {
+			iv.deferred = append(iv.deferred[:i:i], iv.deferred[i+1:]...)
+			iv.count.Add(-1)
+			return
+		}
+	}
+}
+
+// invalidateStart tells the intervals r intersects (mn_itree_invalidate).
+// The interval callbacks run with iv.mu released, so they may sleep and
+// may call ReadBegin-free driver code; the mm's sequence stays odd until
+// the matching invalidateEnd.
+func (iv *intervals) invalidateStart(r *Range) error {
+	if iv.count.Load() == 0 {
+		return nil
+	}
+	iv.mu.Lock()
+	iv.active++
+	r.ivCounted = true
+	var hit []*Interval
+	for _, in := range iv.list {
+		if r.overlaps(in.start, in.end) {
+			hit = append(hit, in)
+		}
+	}
+	if len(hit) > 0 && !iv.invalidating() {
+		iv.seq++ // odd: an invalidation that reaches intervals runs
+	}
+	seq := iv.seq
+	iv.mu.Unlock()
+	r.intervals = hit
+	for _, in := range hit {
+		if !in.ops.Invalidate(in, r, seq) {
+			if r.Blockable() {
+				continue // a blockable invalidation cannot be refused
+			}
+			r.ivCounted = false
+			iv.end()
+			r.intervals = nil
+			return fmt.Errorf("notifier: interval [%#x, %#x) refused %v: %w", in.start, in.end, r, ErrAgain)
+		}
+	}
+	return nil
+}
+
+func (iv *intervals) invalidateEnd(r *Range) {
+	r.intervals = nil
+	if r.ivCounted {
+		r.ivCounted = false
+		iv.end()
+	}
+}
+
+// end finishes one active invalidation (mn_itree_inv_end): the last one
+// out makes the sequence even again, applies deferred inserts and
+// removes, and wakes readers.
+func (iv *intervals) end() {
+	iv.mu.Lock()
+	defer iv.mu.Unlock()
+	iv.active--
+	if iv.active > 0 || !iv.invalidating() {
+		return
+	}
+	iv.seq++ // even
+	for _, d := range iv.deferred {
+		if d.insert {
+			iv.list = append(iv.list, d.in)
+		} else {
+			iv.remove(d.in)
+		}
+	}
+	iv.deferred = nil
+	iv.cond.Broadcast()
+}
+
+// release sends every interval one release-event invalidation and stops
+// further ones.
+func (iv *intervals) release(mm MM) {
+	if iv.count.Load() == 0 {
+		iv.mu.Lock()
+		iv.released = true
+		iv.mu.Unlock()
+		return
+	}
+	r := NewRange(mm, 0, ^uint64(0), EventRelease, Blockable)
+	_ = iv.invalidateStart(r)
+	iv.invalidateEnd(r)
+	iv.mu.Lock()
+	iv.released = true
+	iv.mu.Unlock()
+}

@@ -1,0 +1,445 @@
+package notifier
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/gomm-dev/gomm/locks"
+)
+
+// The callbacks. A subscriber implements the ones it needs; which ones is
+// found out once, at registration, and a callback nobody implements costs
+// nothing when its event happens.
+
+// Releaser is told when the mm is torn down (exit), before any of its
+// pages is freed, or at Unregister if that comes first. At most once.
+type Releaser interface {
+	Release(mm MM)
+}
+
+// RangeInvalidator is told before and after the translations of a range
+// change. InvalidateRangeStart runs before any entry in the range changes,
+// with the pages still mapped; it may sleep if the range is blockable, and
+// may fail with ErrAgain only if it is not. InvalidateRangeEnd runs after
+// the change, once for every start that succeeded.
+type RangeInvalidator interface {
+	InvalidateRangeStart(r *Range) error
+	InvalidateRangeEnd(r *Range)
+}
+
+// SecondaryTLBInvalidator is for devices that walk the CPU page table
+// themselves and cache what they find (the 2014 invalidate_range, today's
+// arch_invalidate_secondary_tlbs): called from every CPU TLB flush of the
+// mm, after the CPU flush and before the flushed frames are freed, possibly
+// under a page-table lock; it must not sleep. It may not be combined with
+// RangeInvalidator.
+type SecondaryTLBInvalidator interface {
+	InvalidateSecondaryTLBs(mm MM, start, end uint64)
+}
+
+// Aging callbacks: each returns whether the device accessed the range,
+// and the MM ORs the answers with the CPU's accessed bits.
+type (
+	// ClearFlushYounger clears the device's accessed state for the range
+	// and flushes what depends on it (clear_flush_young).
+	ClearFlushYounger interface {
+		ClearFlushYoung(mm MM, start, end uint64) bool
+	}
+	// ClearYounger clears it without a flush (clear_young).
+	ClearYounger interface {
+		ClearYoung(mm MM, start, end uint64) bool
+	}
+	// TestYounger reports it without clearing (test_young).
+	TestYounger interface {
+		TestYoung(mm MM, addr uint64) bool
+	}
+)
+
+// Freer is told, after Put dropped the last reference and a grace period
+// passed, that no callback of the subscription will run again
+// (free_notifier).
+type Freer interface {
+	FreeNotifier()
+}
+
+// Subscription is one subscriber's registration on one mm (struct
+// mmu_notifier).
+type Subscription struct {
+	ops  any
+	list *List
+
+	rel  Releaser
+	inv  RangeInvalidator
+	tlbs SecondaryTLBInvalidator
+	cfy  ClearFlushYounger
+	cy   ClearYounger
+	ty   TestYounger
+
+	dead     atomic.Bool // unregistered: no callback may start any more
+	released atomic.Bool // Release ran
+	refs     int         // Get/Put references; protected by list.mu
+	shared   bool        // created by Get; protected by list.mu
+	gone     bool        // unregistered or put for good; protected by list.mu
+}
+
+// Ops returns what was registered.
+func (s *Subscription) Ops() any { return s.ops }
+
+// subscriberSet is one published, immutable slice of subscriptions.
+type subscriberSet = atomic.Pointer[[]*Subscription]
+
+// List is an mm's subscriptions (struct mmu_notifier_subscriptions). Its
+// zero value is ready; Init names the mm. Dispatch walks published,
+// immutable slices inside an SRCU read section, so callbacks may sleep and
+// Unregister can wait them out; each callback kind has its own slice, and
+// a nil slice is the whole cost of an event nobody subscribes to.
+//
+// Callers of InvalidateRangeStart/End, and of Register, must keep the
+// kernel's locking: changes bracketed by start and end hold mmap_lock (or
+// the rmap locks) across the pair; Register holds mmap_lock for write and
+// every rmap lock, so a subscriber never sees an end without its start.
+type List struct {
+	mm   MM
+	srcu locks.SRCU
+
+	mu       sync.Mutex // serialises changes to the sets below
+	all      []*Subscription
+	released bool // Release ran: no new subscriptions; protected by mu
+
+	invs   subscriberSet
+	tlbs   subscriberSet
+	agers  subscriberSet // any of the aging callbacks
+	rels   subscriberSet
+	iv     intervals
+	nextID atomic.Uint64
+}
+
+// Init names the mm the list belongs to. Call it before sharing the list.
+func (l *List) Init(mm MM) {
+	l.mm = mm
+	l.iv.init()
+}
+
+// HasSubscribers reports whether anything subscribes to range
+// invalidations (including interval notifiers): the single atomic load the
+// MM's paths pay when nobody does.
+func (l *List) HasSubscribers() bool {
+	return l.invs.Load() != nil || l.iv.count.Load() != 0
+}
+
+// Register adds a subscriber (mmu_notifier_register). It must implement
+// at least one callback interface, and must not combine
+// SecondaryTLBInvalidator with RangeInvalidator (ErrInvalid, as Linux
+// refuses since 6.6). The caller holds the locks described on List.
+func (l *List) Register(ops any) (*Subscription, error) {
+	s, err := newSubscription(ops)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released {
+		return nil, fmt.Errorf("notifier: register on mm %d after release: %w", l.mm.ID(), ErrClosed)
+	}
+	s.list = l
+	l.all = append(l.all, s)
+	l.publishLocked()
+	return s, nil
+}
+
+func newSubscription(ops any) (*Subscription, error) {
+	s := &Subscription{ops: ops}
+	s.rel, _ = ops.(Releaser)
+	s.inv, _ = ops.(RangeInvalidator)
+	s.tlbs, _ = ops.(SecondaryTLBInvalidator)
+	s.cfy, _ = ops.(ClearFlushYounger)
+	s.cy, _ = ops.(ClearYounger)
+	s.ty, _ = ops.(TestYounger)
+	switch {
+	case s.rel == nil && s.inv == nil && s.tlbs == nil && s.cfy == nil && s.cy == nil && s.ty == nil:
+		return nil, fmt.Errorf("notifier: %T implements no callback: %w", ops, ErrInvalid)
+	case s.inv != nil && s.tlbs != nil:
+		return nil, fmt.Errorf("notifier: %T implements both range start/end and secondary-TLB invalidation: %w", ops, ErrInvalid)
+	}
+	return s, nil
+}
+
+// publishLocked rebuilds the per-callback sets from l.all. Called with mu
+// held.
+func (l *List) publishLocked() {
+	var invs, tlbs, agers, rels []*Subscription
+	for _, s := range l.all {
+		if s.inv != nil {
+			invs = append(invs, s)
+		}
+		if s.tlbs != nil {
+			tlbs = append(tlbs, s)
+		}
+		if s.cfy != nil || s.cy != nil || s.ty != nil {
+			agers = append(agers, s)
+		}
+		if s.rel != nil {
+			rels = append(rels, s)
+		}
+	}
+	store := func(p *subscriberSet, v []*Subscription) {
+		if len(v) == 0 {
+			p.Store(nil)
+		} else {
+			p.Store(&v)
+		}
+	}
+	store(&l.invs, invs)
+	store(&l.tlbs, tlbs)
+	store(&l.agers, agers)
+	store(&l.rels, rels)
+}
+
+// removeLocked takes s out of every set. Called with mu held.
+func (l *List) removeLocked(s *Subscription) {
+	for i, x := range l.all {
+		if x == s {
+			l.all = append(l.all[:i:i], l.all[i+1:]...)
+			l.publishLocked()
+			return
+		}
+	}
+}
+
+// Unregister removes a subscription (mmu_notifier_unregister): Release is
+// called if it has not run, then a grace period is waited for, so that
+// when Unregister returns no callback of the subscription is running or
+// will run. Unregistering twice, or a subscription made by Get, is
+// ErrInvalid.
+func (l *List) Unregister(s *Subscription) error {
+	l.mu.Lock()
+	if s.list != l || s.shared || s.gone {
+		l.mu.Unlock()
+		return fmt.Errorf("notifier: unregister of a subscription not registered here: %w", ErrInvalid)
+	}
+	l.removeLocked(s) // already out if the mm went through release
+	s.gone = true
+	s.dead.Store(true)
+	l.mu.Unlock()
+	if s.rel != nil && !s.released.Swap(true) {
+		tok := l.srcu.ReadLock()
+		s.rel.Release(l.mm)
+		l.srcu.ReadUnlock(tok)
+	}
+	l.srcu.Synchronize()
+	return nil
+}
+
+// Get returns the mm's one subscription for ops, creating it if needed
+// (mmu_notifier_get): drivers that attach to an mm many times share it,
+// refcounted. ops must be comparable (a pointer, usually). The caller
+// holds the locks Register needs.
+func (l *List) Get(ops any) (*Subscription, error) {
+	l.mu.Lock()
+	for _, s := range l.all {
+		if s.shared && s.ops == ops {
+			s.refs++
+			l.mu.Unlock()
+			return s, nil
+		}
+	}
+	l.mu.Unlock()
+	s, err := l.Register(ops)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	s.shared, s.refs = true, 1
+	l.mu.Unlock()
+	return s, nil
+}
+
+// Put drops a reference taken by Get (mmu_notifier_put). The last one
+// removes the subscription without calling Release (that happens only at
+// teardown), waits a grace period, and then tells a Freer.
+func (l *List) Put(s *Subscription) error {
+	l.mu.Lock()
+	if s.list != l || !s.shared || s.gone {
+		l.mu.Unlock()
+		return fmt.Errorf("notifier: put of a subscription Get did not return: %w", ErrInvalid)
+	}
+	s.refs--
+	last := s.refs == 0
+	if last {
+		l.removeLocked(s)
+		s.gone = true
+		s.dead.Store(true)
+	}
+	l.mu.Unlock()
+	if !last {
+		return nil
+	}
+	l.srcu.Synchronize()
+	if f, ok := s.ops.(Freer); ok {
+		f.FreeNotifier()
+	}
+	return nil
+}
+
+// Synchronize waits until every callback running now has returned
+// (mmu_notifier_synchronize).
+func (l *List) Synchronize() { l.srcu.Synchronize() }
+
+// Release runs every subscriber's Release and every interval notifier's
+// release-event invalidation, once, at teardown, before any page of the
+// mm is freed (__mmu_notifier_release). Afterwards the subscriptions stay
+// registered but no invalidation reaches them any more, and Register
+// fails.
+func (l *List) Release() {
+	l.mu.Lock()
+	if l.released {
+		l.mu.Unlock()
+		return
+	}
+	l.released = true
+	all := l.all
+	l.mu.Unlock()
+
+	tok := l.srcu.ReadLock()
+	for _, s := range all {
+		if s.rel != nil && !s.dead.Load() && !s.released.Swap(true) {
+			s.rel.Release(l.mm)
+		}
+	}
+	l.srcu.ReadUnlock(tok)
+	l.iv.release(l.mm)
+
+	l.mu.Lock()
+	for _, s := range all {
+		s.dead.Store(true)
+	}
+	l.all = nil
+	l.publishLocked()
+	l.mu.Unlock()
+	l.srcu.Synchronize()
+}
+
+// InvalidateRangeStart tells every subscriber and every intersecting
+// interval notifier that the translations of r are about to change
+// (mmu_notifier_invalidate_range_start). If a subscriber of a
+// non-blockable range fails, those already started are ended and
+// ErrAgain is returned: the caller must not change anything. On success
+// the caller must call InvalidateRangeEnd with the same Range.
+func (l *List) InvalidateRangeStart(r *Range) error {
+	r.started, r.intervals, r.active = r.started[:0], nil, true
+	if l == nil {
+		return nil
+	}
+	if err := l.iv.invalidateStart(r); err != nil {
+		r.active = false
+		return err
+	}
+	subs := l.invs.Load()
+	if subs == nil {
+		return nil
+	}
+	tok := l.srcu.ReadLock()
+	defer l.srcu.ReadUnlock(tok)
+	for _, s := range *subs {
+		if s.dead.Load() {
+			continue
+		}
+		if err := s.inv.InvalidateRangeStart(r); err != nil {
+			if r.Blockable() {
+				// A blockable start may not fail; the kernel warns and
+				// carries on, and so do we, but the caller is told.
+				err = fmt.Errorf("notifier: %T failed a blockable invalidate start: %w", s.ops, err)
+			}
+			for _, p := range r.started {
+				p.inv.InvalidateRangeEnd(r)
+			}
+			r.started = r.started[:0]
+			l.iv.invalidateEnd(r)
+			r.active = false
+			return fmt.Errorf("notifier: invalidate start of %v refused by %T: %w", r, s.ops, ErrAgain)
+		}
+		r.started = append(r.started, s)
+	}
+	return nil
+}
+
+// InvalidateRangeEnd tells the subscribers whose start ran that the change
+// of r is done (mmu_notifier_invalidate_range_end), and lets interval
+// notifiers' readers go on.
+func (l *List) InvalidateRangeEnd(r *Range) {
+	if l == nil || !r.active {
+		return
+	}
+	r.active = false
+	if len(r.started) > 0 {
+		tok := l.srcu.ReadLock()
+		for _, s := range r.started {
+			if !s.dead.Load() {
+				s.inv.InvalidateRangeEnd(r)
+			}
+		}
+		l.srcu.ReadUnlock(tok)
+		r.started = r.started[:0]
+	}
+	l.iv.invalidateEnd(r)
+}
+
+// InvalidateSecondaryTLBs tells devices that walk the page table
+// themselves to drop their translations of [start, end)
+// (mmu_notifier_arch_invalidate_secondary_tlbs). Called from every CPU
+// TLB flush, after the CPUs flushed and before frames are freed; must not
+// sleep, nor may its callbacks.
+func (l *List) InvalidateSecondaryTLBs(start, end uint64) {
+	subs := l.tlbs.Load()
+	if subs == nil {
+		return
+	}
+	tok := l.srcu.ReadLock()
+	for _, s := range *subs {
+		if !s.dead.Load() {
+			s.tlbs.InvalidateSecondaryTLBs(l.mm, start, end)
+		}
+	}
+	l.srcu.ReadUnlock(tok)
+}
+
+// ClearFlushYoung asks every aging subscriber to clear and flush its
+// accessed state for [start, end); it reports whether any had accessed
+// it.
+func (l *List) ClearFlushYoung(start, end uint64) bool {
+	return l.age(func(s *Subscription) bool {
+		return s.cfy != nil && s.cfy.ClearFlushYoung(l.mm, start, end)
+	})
+}
+
+// ClearYoung is ClearFlushYoung without the flush.
+func (l *List) ClearYoung(start, end uint64) bool {
+	return l.age(func(s *Subscription) bool {
+		return s.cy != nil && s.cy.ClearYoung(l.mm, start, end)
+	})
+}
+
+// TestYoung reports whether any subscriber accessed addr, clearing
+// nothing.
+func (l *List) TestYoung(addr uint64) bool {
+	return l.age(func(s *Subscription) bool {
+		return s.ty != nil && s.ty.TestYoung(l.mm, addr)
+	})
+}
+
+func (l *List) age(ask func(*Subscription) bool) bool {
+	subs := l.agers.Load()
+	if subs == nil {
+		return false
+	}
+	tok := l.srcu.ReadLock()
+	defer l.srcu.ReadUnlock(tok)
+	young := false
+	for _, s := range *subs {
+		if !s.dead.Load() && ask(s) {
+			young = true // every subscriber is asked: each clears its own state
+		}
+	}
+	return young
+}
