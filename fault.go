@@ -3,6 +3,8 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/notifier"
+
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 )
@@ -129,6 +131,10 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	if err != nil {
 		return false, err
 	}
+	// The old page leaves: secondary MMUs must drop it first (wp_page_copy
+	// notifies MMU_NOTIFY_CLEAR).
+	r := mm.invalidateStart(page, page+PageSize, notifier.EventClear)
+	defer mm.invalidateEnd(r)
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/gomm-dev/gomm/locks"
 	"github.com/gomm-dev/gomm/mmugather"
+	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/tlb"
@@ -32,9 +33,10 @@ type MM struct {
 	table *pagetable.Table
 	ctx   *tlb.Context
 
-	mmapLock locks.RWSem
-	vmas     vmaTree // protected by mmapLock
-	exited   bool    // protected by mmapLock (set with it held for write)
+	mmapLock  locks.RWSem
+	vmas      vmaTree // protected by mmapLock
+	exited    bool    // protected by mmapLock (set with it held for write)
+	notifiers notifier.List
 
 	users  atomic.Int64  // mm_users
 	rss    atomic.Int64  // anonymous frames mapped (MM_ANONPAGES)
@@ -53,6 +55,8 @@ func (m *Machine) NewMM() *MM {
 	mm.table = pagetable.New(pagetable.Options{AllocHook: mm.chargeTable})
 	mm.mmapLock.Init(locks.ClassMmapLock)
 	mm.ctx = m.sys.NewContext(mm.table, mm, nil)
+	mm.notifiers.Init(mm)
+	mm.ctx.SetSecondaryTLBs(&mm.notifiers)
 	mm.users.Store(1)
 	return mm
 }
@@ -133,6 +137,8 @@ func (mm *MM) VMAs() []VMA {
 }
 
 func (mm *MM) exitMmap() error {
+	// Secondary MMUs let go first, before any page is freed.
+	mm.notifiers.Release()
 	mm.mmapLock.Lock()
 	mm.exited = true
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
@@ -197,6 +203,25 @@ func (mm *MM) PageTableFrames() int {
 // newGather starts a gather on the MM.
 func newGather(mm *MM) *mmugather.Gather {
 	return mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx)
+}
+
+// invalidateStart opens a blockable invalidation of [start, end) for the
+// MM's subscribers, or returns nil at the cost of one atomic load when
+// there are none. The caller holds mmap_lock until invalidateEnd.
+func (mm *MM) invalidateStart(start, end uint64, ev notifier.Event) *notifier.Range {
+	if !mm.notifiers.HasSubscribers() {
+		return nil
+	}
+	r := notifier.NewRange(mm, start, end, ev, notifier.Blockable)
+	_ = mm.notifiers.InvalidateRangeStart(r) // a blockable start is never refused
+	return r
+}
+
+// invalidateEnd closes what invalidateStart opened.
+func (mm *MM) invalidateEnd(r *notifier.Range) {
+	if r != nil {
+		mm.notifiers.InvalidateRangeEnd(r)
+	}
 }
 
 // checkOpen fails once the MM has exited. Called with mmap_lock held.

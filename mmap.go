@@ -3,6 +3,8 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/notifier"
+
 	"github.com/gomm-dev/gomm/pagetable"
 )
 
@@ -176,6 +178,8 @@ func (mm *MM) unmapLocked(start, end uint64) error {
 // parts of [start, end), and frees the page tables between the remaining
 // neighbours.
 func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
+	r := mm.invalidateStart(start, end, notifier.EventUnmap)
+	defer mm.invalidateEnd(r)
 	g := newGather(mm)
 	var err error
 	for _, v := range vs {

@@ -3,6 +3,8 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/notifier"
+
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 )
@@ -37,8 +39,10 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 		v.prot = prot
 	}
 	if revoked != ProtNone {
+		r := mm.invalidateStart(start, end, notifier.EventProtectionVMA)
 		mm.changeProtection(start, end, prot)
 		mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
+		mm.invalidateEnd(r)
 	}
 	mm.vmas.mergeAround(start, end)
 	if revoked != ProtNone {
@@ -143,12 +147,14 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 
 func (mm *MM) dontNeed(start, end uint64) error {
 	since := mm.m.chk.BeginDowngrade()
+	r := mm.invalidateStart(start, end, notifier.EventClear)
 	g := newGather(mm)
 	st, err := g.Zap(start, end)
 	mm.rss.Add(-int64(st.Frames))
 	if ferr := g.Finish(); err == nil {
 		err = ferr
 	}
+	mm.invalidateEnd(r)
 	mm.m.chk.EndDowngrade("madvise(DONTNEED)", mm.ID(), start, end, since, false)
 	return err
 }
@@ -157,6 +163,8 @@ func (mm *MM) dontNeed(start, end uint64) error {
 // anonymous pages, flush, and let reclaim see the frames as clean and not
 // swap-backed.
 func (mm *MM) lazyFree(start, end uint64) {
+	r := mm.invalidateStart(start, end, notifier.EventClear)
+	defer mm.invalidateEnd(r)
 	var frames []*physmem.Frame
 	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {

@@ -3,6 +3,8 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/notifier"
+
 	"github.com/gomm-dev/gomm/pagetable"
 )
 
@@ -92,10 +94,13 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 	}
 	prot := v.prot
 	moved := min(oldSize, size)
+	r := mm.invalidateStart(oldStart, oldStart+moved, notifier.EventUnmap)
 	if err := mm.movePageTables(oldStart, dest, moved); err != nil {
+		mm.invalidateEnd(r)
 		return 0, err
 	}
 	mm.m.sys.FlushRange(mm.ctx, oldStart, oldStart+moved, pagetable.PageShift, false)
+	mm.invalidateEnd(r)
 	// The old range is now empty of entries: remove its VMA part and the
 	// tables nobody needs; anything past what moved is unmapped.
 	err = mm.unmapLocked(oldStart, oldEnd)

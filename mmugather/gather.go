@@ -24,9 +24,9 @@ const BatchPages = 10000
 //
 // A Gather is used by one goroutine.
 type Gather struct {
-	ctx       *tlb.Context
-	sys       *tlb.System
-	ram       *physmem.Allocator
+	ctx *tlb.Context
+	sys *tlb.System
+	ram *physmem.Allocator
 
 	fullmm      bool
 	start, end  uint64 // range of cleared entries; start >= end when none

@@ -107,13 +107,18 @@ type List struct {
 	all      []*Subscription
 	released bool // Release ran: no new subscriptions; protected by mu
 
-	invs   subscriberSet
-	tlbs   subscriberSet
-	agers  subscriberSet // any of the aging callbacks
-	rels   subscriberSet
-	iv     intervals
-	nextID atomic.Uint64
+	invs  subscriberSet
+	tlbs  subscriberSet
+	agers subscriberSet // any of the aging callbacks
+	rels  subscriberSet
+	iv    intervals
+
+	contractViolations atomic.Uint64 // blockable starts that failed anyway
 }
+
+// ContractViolations returns how many times a subscriber failed the start
+// of a blockable invalidation, which the contract forbids.
+func (l *List) ContractViolations() uint64 { return l.contractViolations.Load() }
 
 // Init names the mm the list belongs to. Call it before sharing the list.
 func (l *List) Init(mm MM) {
@@ -347,9 +352,12 @@ func (l *List) InvalidateRangeStart(r *Range) error {
 		}
 		if err := s.inv.InvalidateRangeStart(r); err != nil {
 			if r.Blockable() {
-				// A blockable start may not fail; the kernel warns and
-				// carries on, and so do we, but the caller is told.
-				err = fmt.Errorf("notifier: %T failed a blockable invalidate start: %w", s.ops, err)
+				// A blockable start may not fail. Like the kernel, carry
+				// on: the subscriber still gets its end, and the change
+				// happens.
+				l.contractViolations.Add(1)
+				r.started = append(r.started, s)
+				continue
 			}
 			for _, p := range r.started {
 				p.inv.InvalidateRangeEnd(r)
