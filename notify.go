@@ -13,6 +13,11 @@ import (
 // ErrAgain is EAGAIN: a non-blockable operation could not proceed now.
 var ErrAgain = errno.ErrAgain
 
+// MmapLocked reports whether anybody holds the MM's mmap_lock, for
+// drivers and tests that assert the notifier contract's locking (an
+// invalidation start or end runs with it held).
+func (mm *MM) MmapLocked() bool { return mm.mmapLock.IsLocked() }
+
 // Notifiers returns the MM's subscription list, for Synchronize and for
 // code that dispatches aging callbacks.
 func (mm *MM) Notifiers() *notifier.List { return &mm.notifiers }

@@ -39,6 +39,9 @@ func (l *rangeLog) InvalidateRangeStart(r *notifier.Range) error {
 		l.open = map[*notifier.Range]bool{}
 	}
 	l.open[r] = true
+	if !l.mm.MmapLocked() {
+		l.bad = append(l.bad, "start without mmap_lock: "+r.String())
+	}
 	l.log = append(l.log, fmt.Sprintf("start %v present=%v", r.Event, l.present(r)))
 	return nil
 }
@@ -50,6 +53,9 @@ func (l *rangeLog) InvalidateRangeEnd(r *notifier.Range) {
 		l.bad = append(l.bad, "end without start: "+r.String())
 	}
 	delete(l.open, r)
+	if !l.mm.MmapLocked() {
+		l.bad = append(l.bad, "end without mmap_lock: "+r.String())
+	}
 	l.log = append(l.log, fmt.Sprintf("end %v present=%v", r.Event, l.present(r)))
 }
 

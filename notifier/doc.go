@@ -52,7 +52,10 @@
 // SetSeq(curSeq) and drops what it mirrors. Inserts and removes during an
 // invalidation are deferred to its end, not refused; Remove returns only
 // when no callback can run. Teardown sends each interval one
-// EventRelease invalidation.
+// EventRelease invalidation. A device whose flush is asynchronous
+// implements IntervalTwoPass instead: every intersecting device's
+// InvalidateStart runs first, then all their finish steps, so the devices
+// flush in parallel.
 //
 // # Locks
 //

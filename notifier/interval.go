@@ -17,6 +17,17 @@ type IntervalOps interface {
 	Invalidate(in *Interval, r *Range, curSeq uint64) bool
 }
 
+// IntervalTwoPass is the optional two-pass form of IntervalOps: a device
+// that flushes asynchronously starts its flush in InvalidateStart and
+// returns a finish step; the core starts every intersecting device first
+// and runs the finish steps in a second pass, so several devices flush in
+// parallel instead of one after another. A nil finish means nothing to
+// wait for; ok false refuses a non-blockable range, as Invalidate's false
+// does. When an IntervalOps also implements this, only this is called.
+type IntervalTwoPass interface {
+	InvalidateStart(in *Interval, r *Range, curSeq uint64) (finish func(), ok bool)
+}
+
 // Interval is an interval notifier (struct mmu_interval_notifier): a
 // subscription to invalidations of [start, end) only, with a sequence
 // number that lets a driver fault pages in without holding a lock across
@@ -183,16 +194,30 @@ func (iv *intervals) invalidateStart(r *Range) error {
 	seq := iv.seq
 	iv.mu.Unlock()
 	r.intervals = hit
+	var finishes []func()
 	for _, in := range hit {
-		if !in.ops.Invalidate(in, r, seq) {
-			if r.Blockable() {
-				continue // a blockable invalidation cannot be refused
+		var ok bool
+		if tp, two := in.ops.(IntervalTwoPass); two {
+			var finish func()
+			finish, ok = tp.InvalidateStart(in, r, seq)
+			if finish != nil {
+				finishes = append(finishes, finish)
+			}
+		} else {
+			ok = in.ops.Invalidate(in, r, seq)
+		}
+		if !ok && !r.Blockable() {
+			for _, f := range finishes {
+				f() // devices already flushing finish before we give up
 			}
 			r.ivCounted = false
 			iv.end()
 			r.intervals = nil
 			return fmt.Errorf("notifier: interval [%#x, %#x) refused %v: %w", in.start, in.end, r, ErrAgain)
 		}
+	}
+	for _, f := range finishes {
+		f()
 	}
 	return nil
 }

@@ -174,3 +174,39 @@ func TestIntervalSequenceStress(t *testing.T) {
 	wg.Wait()
 	assert.Zero(t, bad.Load())
 }
+
+// twoPass is a device whose flush is asynchronous: start kicks it off,
+// finish waits for it.
+type twoPass struct {
+	name string
+	log  *[]string
+	mu   *sync.Mutex
+}
+
+func (d *twoPass) Invalidate(*notifier.Interval, *notifier.Range, uint64) bool {
+	panic("the two-pass form replaces Invalidate")
+}
+
+func (d *twoPass) InvalidateStart(in *notifier.Interval, r *notifier.Range, cur uint64) (func(), bool) {
+	in.SetSeq(cur)
+	d.mu.Lock()
+	*d.log = append(*d.log, "start "+d.name)
+	d.mu.Unlock()
+	return func() {
+		d.mu.Lock()
+		*d.log = append(*d.log, "finish "+d.name)
+		d.mu.Unlock()
+	}, true
+}
+
+func TestTwoPassStartsEveryDeviceBeforeWaiting(t *testing.T) {
+	l := newList()
+	var log []string
+	var mu sync.Mutex
+	for _, name := range []string{"a", "b", "c"} {
+		_, err := l.Insert(0, 0x1000, &twoPass{name: name, log: &log, mu: &mu})
+		require.NoError(t, err)
+	}
+	require.NoError(t, invalidate(l, 0, 0x1000, notifier.Blockable))
+	assert.Equal(t, []string{"start a", "start b", "start c", "finish a", "finish b", "finish c"}, log)
+}
