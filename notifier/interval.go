@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/gomm-dev/gomm/internal/itree"
 )
 
 // IntervalOps is what an interval notifier's owner implements
@@ -41,7 +43,8 @@ type Interval struct {
 	// reached this interval (odd while it runs); written by SetSeq under
 	// the driver's lock and read by ReadRetry under it.
 	seq     atomic.Uint64
-	removed bool // protected by intervals.mu
+	removed bool                  // protected by intervals.mu
+	node    itree.Node[*Interval] // its place in the mm's interval tree; protected by intervals.mu
 }
 
 // Start and End return the interval's bounds.
@@ -85,9 +88,9 @@ type intervals struct {
 	cond sync.Cond
 	// seq is the mm's invalidate sequence: even when no invalidation that
 	// reached an interval is running, odd while one is.
-	seq      uint64      // protected by mu
-	active   int         // invalidations in flight; protected by mu
-	list     []*Interval // protected by mu
+	seq      uint64                // protected by mu
+	active   int                   // invalidations in flight; protected by mu
+	tree     itree.Tree[*Interval] // protected by mu
 	deferred []deferredOp
 	count    atomic.Int32 // len(list), for the no-subscriber fast path
 	released bool         // protected by mu
@@ -111,6 +114,7 @@ func (l *List) Insert(start, length uint64, ops IntervalOps) (*Interval, error) 
 		return nil, fmt.Errorf("notifier: insert [%#x, +%#x): %w", start, length, ErrInvalid)
 	}
 	in := &Interval{list: l, start: start, end: start + length, ops: ops}
+	in.node = itree.Node[*Interval]{Start: start, Last: start + length - 1, Value: in}
 	iv := &l.iv
 	iv.mu.Lock()
 	defer iv.mu.Unlock()
@@ -124,7 +128,7 @@ func (l *List) Insert(start, length uint64, ops IntervalOps) (*Interval, error) 
 		return in, nil
 	}
 	in.seq.Store(iv.seq - 1) // odd and not current: readers go ahead
-	iv.list = append(iv.list, in)
+	iv.tree.Insert(&in.node)
 	iv.count.Add(1)
 	return in, nil
 }
@@ -154,12 +158,9 @@ func (in *Interval) Remove() error {
 }
 
 func (iv *intervals) remove(in *Interval) {
-	for i, x := range iv.list {
-		if x == in {
-			iv.list = append(iv.list[:i:i], iv.list[i+1:]...)
-			iv.count.Add(-1)
-			return
-		}
+	if iv.tree.Remove(&in.node) {
+		iv.count.Add(-1)
+		return
 	}
 	// A deferred insert removed before it happened.
 	for i, d := range iv.deferred {
@@ -183,9 +184,9 @@ func (iv *intervals) invalidateStart(r *Range) error {
 	iv.active++
 	r.ivCounted = true
 	var hit []*Interval
-	for _, in := range iv.list {
-		if r.overlaps(in.start, in.end) {
-			hit = append(hit, in)
+	if r.End > r.Start {
+		for n := range iv.tree.Overlapping(r.Start, r.End-1) {
+			hit = append(hit, n.Value)
 		}
 	}
 	if len(hit) > 0 && !iv.invalidating() {
@@ -243,7 +244,7 @@ func (iv *intervals) end() {
 	iv.seq++ // even
 	for _, d := range iv.deferred {
 		if d.insert {
-			iv.list = append(iv.list, d.in)
+			iv.tree.Insert(&d.in.node)
 		} else {
 			iv.remove(d.in)
 		}

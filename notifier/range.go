@@ -98,6 +98,3 @@ func (r *Range) Blockable() bool { return r.Flags&Blockable != 0 }
 func (r *Range) String() string {
 	return fmt.Sprintf("%v [%#x, %#x) blockable=%v", r.Event, r.Start, r.End, r.Blockable())
 }
-
-// overlaps reports whether [start, end) intersects the range.
-func (r *Range) overlaps(start, end uint64) bool { return start < r.End && r.Start < end }
