@@ -74,8 +74,19 @@ func (mm *MM) UnregisterNotifier(s *notifier.Subscription) error {
 func (mm *MM) PutNotifier(s *notifier.Subscription) error { return mm.notifiers.Put(s) }
 
 // InsertInterval subscribes ops to invalidations of [start, start+length)
-// (mmu_interval_notifier_insert).
+// (mmu_interval_notifier_insert). The MM's first interval is inserted the
+// way Linux does it, through a registration (mmap_lock for write and
+// every rmap lock), so no invalidation is in flight when interval
+// tracking starts.
 func (mm *MM) InsertInterval(start, length uint64, ops notifier.IntervalOps) (*notifier.Interval, error) {
+	if !mm.notifiers.IntervalsEnabled() {
+		if _, err := mm.subscribe(context.Background(), func() (*notifier.Subscription, error) {
+			mm.notifiers.EnableIntervals()
+			return nil, nil
+		}); err != nil {
+			return nil, err
+		}
+	}
 	return mm.notifiers.Insert(start, length, ops)
 }
 

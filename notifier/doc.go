@@ -20,6 +20,7 @@
 //	InvalidateRangeStart      before any entry of the range changes;      mmap_lock (or the rmap lock)   if Blockable       ErrAgain, only if
 //	                          pages still mapped                                                                             not Blockable
 //	InvalidateRangeEnd        after the change, once per successful start  as for its start               if Blockable       no
+//	                          (none after the subscriber unregistered)
 //	InvalidateSecondaryTLBs   every CPU TLB flush of the mm, after the     may be a page-table lock       no                 no
 //	                          CPUs flushed, before the frames are freed
 //	ClearFlushYoung,          aging: is the range accessed? (ORed with     the rmap lock                  no                 no

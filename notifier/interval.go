@@ -92,8 +92,14 @@ type intervals struct {
 	active   int                   // invalidations in flight; protected by mu
 	tree     itree.Tree[*Interval] // protected by mu
 	deferred []deferredOp
-	count    atomic.Int32 // len(list), for the no-subscriber fast path
-	released bool         // protected by mu
+	count    atomic.Int32 // intervals in the tree or about to be
+	// hasTree is set, for good, before the first interval is inserted,
+	// by EnableIntervals under locks that exclude every invalidation in
+	// flight (the MM's mmap_lock for write). From then on every
+	// invalidation counts itself in active, which is what lets Insert see
+	// one that began before the interval existed.
+	hasTree  atomic.Bool
+	released bool // protected by mu
 }
 
 type deferredOp struct {
@@ -121,17 +127,38 @@ func (l *List) Insert(start, length uint64, ops IntervalOps) (*Interval, error) 
 	if iv.released {
 		return nil, fmt.Errorf("notifier: insert on mm %d after release: %w", l.mm.ID(), ErrClosed)
 	}
-	if iv.invalidating() {
-		in.seq.Store(iv.seq) // readers wait for the running invalidation
-		iv.deferred = append(iv.deferred, deferredOp{in: in, insert: true})
-		iv.count.Add(1)
-		return in, nil
-	}
-	in.seq.Store(iv.seq - 1) // odd and not current: readers go ahead
-	iv.tree.Insert(&in.node)
+	iv.hasTree.Store(true) // a no-op when EnableIntervals ran, as it must for a live mm
 	iv.count.Add(1)
+	switch {
+	case iv.invalidating():
+		// The tree may not change under a running invalidation: the
+		// insert waits for its end, and so do readers.
+		iv.deferred = append(iv.deferred, deferredOp{in: in, insert: true})
+		in.seq.Store(iv.seq)
+	case iv.active > 0:
+		// Invalidations are in flight that reached no interval, so we
+		// cannot know whether they cover this one: assume they do, and
+		// make readers wait for them to end.
+		iv.seq |= 1
+		iv.tree.Insert(&in.node)
+		in.seq.Store(iv.seq)
+	default:
+		in.seq.Store(iv.seq - 1) // odd and not current: readers go ahead
+		iv.tree.Insert(&in.node)
+	}
 	return in, nil
 }
+
+// EnableIntervals prepares the list for interval notifiers
+// (mmu_notifier_register with no subscriber, setting has_itree). The
+// caller excludes every invalidation in flight while it runs, as
+// Register's callers do; afterwards every invalidation counts itself, so
+// Insert can make readers wait for one that began before their interval
+// existed.
+func (l *List) EnableIntervals() { l.iv.hasTree.Store(true) }
+
+// IntervalsEnabled reports whether EnableIntervals (or an Insert) ran.
+func (l *List) IntervalsEnabled() bool { return l.iv.hasTree.Load() }
 
 // Remove unsubscribes the interval (mmu_interval_notifier_remove). If an
 // invalidation runs, the removal is deferred to its end and Remove waits
@@ -177,7 +204,7 @@ func (iv *intervals) remove(in *Interval) {
 // may call ReadBegin-free driver code; the mm's sequence stays odd until
 // the matching invalidateEnd.
 func (iv *intervals) invalidateStart(r *Range) error {
-	if iv.count.Load() == 0 {
+	if !iv.hasTree.Load() {
 		return nil
 	}
 	iv.mu.Lock()
@@ -256,7 +283,7 @@ func (iv *intervals) end() {
 // release sends every interval one release-event invalidation and stops
 // further ones.
 func (iv *intervals) release(mm MM) {
-	if iv.count.Load() == 0 {
+	if !iv.hasTree.Load() {
 		iv.mu.Lock()
 		iv.released = true
 		iv.mu.Unlock()

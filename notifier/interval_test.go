@@ -210,3 +210,31 @@ func TestTwoPassStartsEveryDeviceBeforeWaiting(t *testing.T) {
 	require.NoError(t, invalidate(l, 0, 0x1000, notifier.Blockable))
 	assert.Equal(t, []string{"start a", "start b", "start c", "finish a", "finish b", "finish c"}, log)
 }
+
+// TestInsertDuringAnInvalidationThatMissedEverything: an invalidation is
+// in flight that reached no interval (the sequence is even); an interval
+// inserted now may be covered by it, so its readers must wait for it to
+// end (the review finding behind Linux's "seq |= 1" on insert).
+func TestInsertDuringAnInvalidationThatMissedEverything(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newList()
+		l.EnableIntervals()
+		assert.True(t, l.IntervalsEnabled())
+		assert.True(t, l.HasSubscribers())
+		r := notifier.NewRange(fakeMM(1), 0, 0x1000, notifier.EventClear, notifier.Blockable)
+		require.NoError(t, l.InvalidateRangeStart(r)) // reaches nothing: no interval yet
+
+		in, err := l.Insert(0, 0x1000, &mirror{})
+		require.NoError(t, err)
+		var begun atomic.Bool
+		var seq uint64
+		go func() { seq = in.ReadBegin(); begun.Store(true) }()
+		synctest.Wait()
+		assert.False(t, begun.Load(), "the reader waits for the invalidation that may cover it")
+
+		l.InvalidateRangeEnd(r)
+		synctest.Wait()
+		assert.True(t, begun.Load())
+		assert.False(t, in.ReadRetry(seq))
+	})
+}

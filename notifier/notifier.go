@@ -22,7 +22,10 @@ type Releaser interface {
 // change. InvalidateRangeStart runs before any entry in the range changes,
 // with the pages still mapped; it may sleep if the range is blockable, and
 // may fail with ErrAgain only if it is not. InvalidateRangeEnd runs after
-// the change, once for every start that succeeded.
+// the change, once for every start that succeeded, unless the
+// subscription is unregistered in between (as in Linux, a subscriber
+// that leaves may see a start without its end, never an end without its
+// start).
 type RangeInvalidator interface {
 	InvalidateRangeStart(r *Range) error
 	InvalidateRangeEnd(r *Range)
@@ -89,8 +92,8 @@ func (s *Subscription) Ops() any { return s.ops }
 // subscriberSet is one published, immutable slice of subscriptions.
 type subscriberSet = atomic.Pointer[[]*Subscription]
 
-// List is an mm's subscriptions (struct mmu_notifier_subscriptions). Its
-// zero value is ready; Init names the mm. Dispatch walks published,
+// List is an mm's subscriptions (struct mmu_notifier_subscriptions). Call
+// Init, which names the mm, before using it. Dispatch walks published,
 // immutable slices inside an SRCU read section, so callbacks may sleep and
 // Unregister can wait them out; each callback kind has its own slice, and
 // a nil slice is the whole cost of an event nobody subscribes to.
@@ -130,7 +133,7 @@ func (l *List) Init(mm MM) {
 // invalidations (including interval notifiers): the single atomic load the
 // MM's paths pay when nobody does.
 func (l *List) HasSubscribers() bool {
-	return l.invs.Load() != nil || l.iv.count.Load() != 0
+	return l.invs.Load() != nil || l.iv.hasTree.Load()
 }
 
 // Register adds a subscriber (mmu_notifier_register). It must implement
