@@ -240,3 +240,37 @@ func TestMremap(t *testing.T) {
 	_, err = mm.Mremap(fixed, page, 0, gomm.MremapMayMove, 0)
 	assert.ErrorIs(t, err, gomm.ErrInvalid)
 }
+
+// TestMremapMoveOutOfMemoryMovesNothing: a move that cannot allocate its
+// destination tables must leave every entry where it was (review
+// finding: it used to strand some at the destination, outside any VMA,
+// and skip the flush).
+func TestMremapMoveOutOfMemoryMovesNothing(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 64})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	addr, err := mm.Mmap(0x1000_0000, 4<<20, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("t"))
+	require.NoError(t, cpu.Store64(addr, 11))
+	require.NoError(t, cpu.Store64(addr+2<<20, 22))
+	for m.RAM().Stats().Free > 2 {
+		_, err := m.RAM().Alloc()
+		require.NoError(t, err)
+	}
+	_, err = mm.Mremap(addr, 4<<20, 4<<20, gomm.MremapMayMove|gomm.MremapFixed, 0x4_01ff_f000)
+	require.ErrorIs(t, err, gomm.ErrNoMem)
+	for off, want := range map[uint64]uint64{0: 11, 2 << 20: 22} {
+		v, err := cpu.Load64(addr + off)
+		require.NoError(t, err)
+		assert.Equal(t, want, v)
+		buf := make([]byte, 8)
+		_, err = mm.ReadAt(buf, addr+off)
+		require.NoError(t, err)
+		assert.Equal(t, le64(want), buf)
+	}
+	e, _ := mm.Table().Lookup(0x4_01ff_f000)
+	assert.False(t, e.IsPresent(), "nothing was left at the destination")
+	cpu.Switch(tlbIdle())
+}

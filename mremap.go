@@ -96,7 +96,9 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 	moved := min(oldSize, size)
 	r := mm.invalidateStart(oldStart, oldStart+moved, notifier.EventUnmap)
 	if err := mm.movePageTables(oldStart, dest, moved); err != nil {
+		// Nothing moved; a fixed destination stays unmapped, as in Linux.
 		mm.invalidateEnd(r)
+		mm.m.chk.EndDowngrade("mremap(move failed)", mm.ID(), dest, dest+size, since, false)
 		return 0, err
 	}
 	mm.m.sys.FlushRange(mm.ctx, oldStart, oldStart+moved, pagetable.PageShift, false)
@@ -114,18 +116,16 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 }
 
 // movePageTables moves the entries of [from, from+n) to [to, to+n)
-// (move_page_tables). The source tables are visited through Range, so the
-// cost follows what is populated, not the size of the range; huge leaves
-// are split first. Each source table's entries are taken out under its
-// lock and put in place under the destination's: in between, under
-// mmap_lock held for write, a CPU that misses on them faults and waits.
-// Rmap state is unchanged: each frame keeps its one mapping.
+// (move_page_tables), all or nothing: first huge leaves are split and the
+// populated entries found (through Range, so the cost follows what is
+// populated, not the size), then every destination table is allocated,
+// and only then are entries moved, which cannot fail. An error from the
+// first two steps leaves every entry where it was. The caller holds
+// mmap_lock for write, so no table is freed meanwhile, and flushes the old
+// range afterwards. Rmap state is unchanged: each frame keeps its one
+// mapping.
 func (mm *MM) movePageTables(from, to, n uint64) error {
-	type moved struct {
-		off uint64
-		e   pagetable.PTE
-	}
-	var batch []moved
+	var offs []uint64
 	var err error
 	rerr := mm.table.Range(from, from+n, pagetable.RangeFuncs{
 		PMD: func(s pagetable.PMDSlot) bool {
@@ -136,10 +136,9 @@ func (mm *MM) movePageTables(from, to, n uint64) error {
 		},
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
-				if pt.Get(i).IsNone() {
-					continue
+				if !pt.Get(i).IsNone() {
+					offs = append(offs, pt.VA(i)-from)
 				}
-				batch = append(batch, moved{off: pt.VA(i) - from, e: pt.GetAndClear(i)})
 			}
 			return true
 		},
@@ -147,20 +146,33 @@ func (mm *MM) movePageTables(from, to, n uint64) error {
 	if err == nil {
 		err = rerr
 	}
-	for k, mv := range batch {
-		dst, aerr := mm.table.AllocLockPTE(to + mv.off)
-		if aerr != nil {
-			// Out of memory for a destination table: put the rest back
-			// where they were, so no entry is lost, and fail.
-			for _, back := range batch[k:] {
-				pt, _ := mm.table.AllocLockPTE(from + back.off)
-				pt.Set(pt.Index(from+back.off), back.e)
-				pt.Unlock()
+	if err != nil {
+		return err
+	}
+	lastTable := ^uint64(0)
+	for _, off := range offs {
+		if base := (to + off) &^ (pagetable.HugeSize - 1); base != lastTable {
+			dst, aerr := mm.table.AllocLockPTE(to + off)
+			if aerr != nil {
+				return aerr
 			}
-			return aerr
+			dst.Unlock()
+			lastTable = base
 		}
-		dst.Set(dst.Index(to+mv.off), mv.e)
+	}
+	for _, off := range offs {
+		src, _, lerr := mm.table.LockPTE(from + off)
+		if lerr != nil {
+			return lerr // cannot happen: nothing frees tables under mmap_lock
+		}
+		e := src.GetAndClear(src.Index(from + off))
+		src.Unlock()
+		dst, aerr := mm.table.AllocLockPTE(to + off)
+		if aerr != nil {
+			return aerr // cannot happen: the table was allocated above
+		}
+		dst.Set(dst.Index(to+off), e)
 		dst.Unlock()
 	}
-	return err
+	return nil
 }
