@@ -266,3 +266,33 @@ func TestMirrorRetryIsWhatKeepsItSafe(t *testing.T) {
 		})
 	}
 }
+
+// faultOnRelease tries to fault a page in from inside the release-event
+// invalidation: the window between "devices were told to let go" and
+// "pages are freed" must not hand out pages.
+type faultOnRelease struct {
+	mm  *gomm.MM
+	in  *notifier.Interval
+	err error
+}
+
+func (f *faultOnRelease) Invalidate(in *notifier.Interval, r *notifier.Range, cur uint64) bool {
+	in.SetSeq(cur)
+	if r.Event == notifier.EventRelease {
+		hr := &gomm.HMMRange{Interval: in, NotifierSeq: cur + 1, Start: in.Start(), End: in.Start() + gomm.PageSize, Fault: true}
+		f.err = f.mm.RangeFault(hr)
+	}
+	return true
+}
+
+func TestNoFaultAfterRelease(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0, 4*page, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapPopulate)
+	require.NoError(t, err)
+	f := &faultOnRelease{mm: mm}
+	f.in, err = mm.InsertInterval(addr, 4*page, f)
+	require.NoError(t, err)
+	require.NoError(t, mm.Exit())
+	assert.ErrorIs(t, f.err, gomm.ErrClosed, "once release has begun, RangeFault hands out nothing")
+}

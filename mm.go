@@ -137,25 +137,31 @@ func (mm *MM) VMAs() []VMA {
 }
 
 func (mm *MM) exitMmap() error {
-	// Secondary MMUs let go first, before any page is freed.
-	mm.notifiers.Release()
+	// Closed first, so that nothing (a fault, RangeFault) can hand out a
+	// page once the secondary MMUs have been told to let go; then they
+	// let go, before any page is freed.
 	mm.mmapLock.Lock()
 	mm.exited = true
+	mm.mmapLock.Unlock()
+	mm.notifiers.Release()
+	mm.mmapLock.Lock()
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
 	var err error
 	var nfreed int
 	mm.vmas.t.Ascend(func(v *vma) bool {
-		var st mmugather.ZapStats
-		st, err = g.Zap(v.start, v.end)
+		st, zerr := g.Zap(v.start, v.end)
 		mm.rss.Add(-int64(st.Frames))
-		return err == nil
+		if zerr != nil && err == nil {
+			err = zerr // go on: the rest must be torn down all the same
+		}
+		return true
 	})
 	mm.vmas.t.Clear(false)
+	freed, ferr := mm.table.FreeEmpty(0, userCeiling, nil)
+	g.RemoveTables(freed...)
+	nfreed = len(freed)
 	if err == nil {
-		var freed []pagetable.FreedTable
-		freed, err = mm.table.FreeEmpty(0, userCeiling, nil)
-		g.RemoveTables(freed...)
-		nfreed = len(freed)
+		err = ferr
 	}
 	if ferr := g.Finish(); err == nil {
 		err = ferr
