@@ -5,6 +5,8 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -272,5 +274,49 @@ func TestMremapMoveOutOfMemoryMovesNothing(t *testing.T) {
 	}
 	e, _ := mm.Table().Lookup(0x4_01ff_f000)
 	assert.False(t, e.IsPresent(), "nothing was left at the destination")
+	cpu.Switch(tlbIdle())
+}
+
+// TestMprotectOfPartOfAHugeLeafFailsCleanly: the split mprotect needs can
+// run out of memory; it must then change nothing, not leave the leaf
+// writable under a read-only VMA (review finding).
+func TestMprotectOfPartOfAHugeLeafFailsCleanly(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 2048})
+	mm := m.NewMM()
+	rw := gomm.ProtRead | gomm.ProtWrite
+	const huge = 2 << 20
+	addr, err := mm.Mmap(0x4000_0000, huge, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	var frames []*physmem.Frame
+	for len(frames) < 512 {
+		f, err := m.RAM().Alloc()
+		require.NoError(t, err)
+		if len(frames) == 0 && f.PFN()%512 != 0 {
+			continue // keep looking for an aligned run; the filler stays allocated
+		}
+		f.IncMapCount()
+		frames = append(frames, f)
+	}
+	require.NoError(t, mm.Table().MapHuge(addr, pagetable.NewPTE(uint64(frames[0].PFN()), pagetable.Write|pagetable.User|pagetable.Dirty|pagetable.Accessed)))
+	var hog []*physmem.Frame
+	for m.RAM().Stats().Free > 0 {
+		f, err := m.RAM().Alloc()
+		require.NoError(t, err)
+		hog = append(hog, f)
+	}
+	before := mm.VMAs()
+	assert.ErrorIs(t, mm.Mprotect(addr, page, gomm.ProtRead), gomm.ErrNoMem)
+	assert.Equal(t, before, mm.VMAs(), "nothing changed")
+	assert.ErrorIs(t, mm.Munmap(addr, page), gomm.ErrNoMem, "munmap of part of the leaf too")
+	assert.Equal(t, before, mm.VMAs())
+
+	for _, f := range hog {
+		require.NoError(t, m.RAM().Put(f))
+	}
+	require.NoError(t, mm.Mprotect(addr, page, gomm.ProtRead))
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("t"))
+	assert.ErrorIs(t, cpu.Store64(addr, 1), gomm.ErrFault, "the split page is read-only")
+	require.NoError(t, cpu.Store64(addr+page, 1), "the rest of the leaf is still writable")
 	cpu.Switch(tlbIdle())
 }

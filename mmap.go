@@ -164,6 +164,9 @@ func checkRange(op string, addr, length uint64) (start, end uint64, err error) {
 // free the tables between the neighbours, flush, free (do_vmi_munmap).
 // Called with mmap_lock held for write.
 func (mm *MM) unmapLocked(start, end uint64) error {
+	if err := mm.splitPartialHuge(start, end); err != nil {
+		return err // nothing changed yet
+	}
 	vs := mm.vmas.isolate(start, end)
 	if len(vs) == 0 {
 		return nil

@@ -32,6 +32,9 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 	if !mm.vmas.covered(start, end) {
 		return fmt.Errorf("gomm: mprotect [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
 	}
+	if err := mm.splitPartialHuge(start, end); err != nil {
+		return err
+	}
 	since := mm.m.chk.BeginDowngrade()
 	revoked := ProtNone
 	for _, v := range mm.vmas.isolate(start, end) {
@@ -81,16 +84,40 @@ func (mm *MM) changeProtection(start, end uint64, prot Prot) {
 			return true
 		},
 		PMD: func(s pagetable.PMDSlot) bool {
-			if s.Base() < start || s.Base()+pagetable.HugeSize > end {
-				_ = s.Split()
-				return true
-			}
+			// splitPartialHuge left only leaves the range covers whole.
 			if e := s.Get(); e.IsPresent() {
 				_, _ = s.Set(fix(e))
 			}
 			return true
 		},
 	})
+}
+
+// splitPartialHuge splits the huge leaves [start, end) covers only in
+// part, before an operation changes anything, so that the operation
+// itself cannot fail half-way: a split needs a page table, which can run
+// out. A split keeps every translation, so a failure here leaves nothing
+// to undo.
+func (mm *MM) splitPartialHuge(start, end uint64) error {
+	var err error
+	for _, edge := range []uint64{start, end} {
+		base := edge &^ (pagetable.HugeSize - 1)
+		if base == edge {
+			continue
+		}
+		s, ok, lerr := mm.table.LockPMD(base, false)
+		if lerr != nil || !ok {
+			continue
+		}
+		if s.Get().IsHuge() {
+			err = s.Split()
+		}
+		s.Unlock()
+		if err != nil {
+			return fmt.Errorf("gomm: splitting the huge page at %#x: %w", base, err)
+		}
+	}
+	return nil
 }
 
 // Madvise advice values, with Linux's numbers.
@@ -165,7 +192,7 @@ func (mm *MM) dontNeed(start, end uint64) error {
 func (mm *MM) lazyFree(start, end uint64) {
 	r := mm.invalidateStart(start, end, notifier.EventClear)
 	defer mm.invalidateEnd(r)
-	var frames []*physmem.Frame
+	cleaned := false
 	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
@@ -176,20 +203,20 @@ func (mm *MM) lazyFree(start, end uint64) {
 				for !pt.CompareAndSet(i, e, e.Without(pagetable.Dirty|pagetable.Accessed)) {
 					e = pt.Get(i)
 				}
+				// The frame's flags change here, under the PTE lock that
+				// keeps it mapped: once the lock is dropped a concurrent
+				// zap may free it and a fault reuse it.
 				if f, err := mm.m.ram.Frame(physmem.PFN(e.PFN())); err == nil {
-					frames = append(frames, f)
+					f.ClearFlags(physmem.FlagDirty | physmem.FlagSwapBacked)
 				}
+				cleaned = true
 			}
 			return true
 		},
 	})
-	if len(frames) == 0 {
-		return
-	}
-	// A CPU must not keep writing through an entry cached dirty, or the
-	// new data would not mark the page dirty again.
-	mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
-	for _, f := range frames {
-		f.ClearFlags(physmem.FlagDirty | physmem.FlagSwapBacked)
+	if cleaned {
+		// A CPU must not keep writing through an entry cached dirty, or
+		// the new data would not mark the page dirty again.
+		mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
 	}
 }
