@@ -1,0 +1,310 @@
+package rmap
+
+import (
+	"fmt"
+	"iter"
+	"sync/atomic"
+
+	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/itree"
+	"github.com/gomm-dev/gomm/locks"
+)
+
+// ErrInvalid is returned for misuse: a VMA linked twice, unlinked twice.
+var ErrInvalid = errno.ErrInvalid
+
+// Pool counts the anon_vmas of one machine and tells whoever asks when
+// one is freed. Its zero value is ready.
+type Pool struct {
+	live      atomic.Int64
+	allocated atomic.Uint64
+	// OnFree, if set before use, is called with every anon_vma as it is
+	// freed (tests check that a root goes last).
+	OnFree func(*AnonVMA)
+}
+
+// Live returns the number of anon_vmas not yet freed.
+func (p *Pool) Live() int64 { return p.live.Load() }
+
+// Allocated returns the number of anon_vmas ever allocated.
+func (p *Pool) Allocated() uint64 { return p.allocated.Load() }
+
+// AnonVMA groups the anonymous pages of a family of VMAs (struct
+// anon_vma): a page's mapping points at the anon_vma it was faulted into,
+// and a walk from there finds, through the chains in its tree, every VMA
+// of every process that may map it (its own, and its fork descendants').
+//
+// A family shares one root; the root's RWSem is the lock of every
+// anon_vma in the family (anon_vma->root->rwsem).
+type AnonVMA struct {
+	pool   *Pool
+	root   *AnonVMA
+	parent *AnonVMA
+	id     uint64
+	rwsem  locks.RWSem // only the root's is used
+
+	// refcount: one for each VMA that has this as its anon_vma
+	// ... in the kernel's scheme: 1 at allocation, plus one on the root
+	// from every non-root member of its family; freed at zero.
+	refcount atomic.Int64
+
+	// Protected by the root's rwsem:
+	numChildren   int                // anon_vmas whose parent this is (plus a self link for a root)
+	numActiveVMAs int                // VMAs whose anon_vma this is
+	tree          itree.Tree[*Chain] // the chains, keyed by their VMA's page-offset range
+	freed         bool
+}
+
+// ID returns a stable identity, for reports.
+func (av *AnonVMA) ID() uint64 { return av.id }
+
+// Root returns the family's root.
+func (av *AnonVMA) Root() *AnonVMA { return av.root }
+
+// Lock takes the family's lock for write (anon_vma_lock_write).
+func (av *AnonVMA) Lock() { av.root.rwsem.Lock() }
+
+// Unlock releases it.
+func (av *AnonVMA) Unlock() { av.root.rwsem.Unlock() }
+
+// RLock takes the family's lock for read (anon_vma_lock_read), as rmap
+// walks do.
+func (av *AnonVMA) RLock() { av.root.rwsem.RLock() }
+
+// RUnlock releases it.
+func (av *AnonVMA) RUnlock() { av.root.rwsem.RUnlock() }
+
+// Sem returns the family's lock, for TakeAll at notifier registration.
+func (av *AnonVMA) Sem() *locks.RWSem { return &av.root.rwsem }
+
+// Counts returns the anon_vma's counters (under the family lock).
+func (av *AnonVMA) Counts() (children, activeVMAs int, refcount int64) {
+	av.RLock()
+	defer av.RUnlock()
+	return av.numChildren, av.numActiveVMAs, av.refcount.Load()
+}
+
+// Chain links one VMA to one anon_vma (struct anon_vma_chain): it sits in
+// the anon_vma's tree, keyed by the VMA's page-offset range, and in the
+// VMA's list of chains.
+type Chain struct {
+	VMA     *VMA
+	AnonVMA *AnonVMA
+	node    itree.Node[*Chain]
+}
+
+// VMA is the reverse-map side of a vm_area_struct: its page-offset range
+// (for anonymous memory, the address it was created at, in pages, which
+// stays with the pages when the VMA moves), its anon_vma, and its chains,
+// oldest (the family root's) first. The MM embeds one in every VMA; the
+// fields are protected by the MM's mmap_lock, and the chains' tree
+// positions by their anon_vmas' family locks.
+type VMA struct {
+	Start, End uint64 // addresses, [Start, End)
+	PgOff      uint64 // page offset of Start
+	AnonVMA    *AnonVMA
+	Owner      any // the MM's VMA, for walks to get back to it
+	chains     []*Chain
+}
+
+// Chains returns the VMA's chains, oldest first.
+func (v *VMA) Chains() []*Chain { return v.chains }
+
+// lastIndex is the page offset of the VMA's last page.
+func (v *VMA) lastIndex() uint64 { return v.PgOff + (v.End-v.Start)/pageSize - 1 }
+
+const pageSize = 4096
+
+func (p *Pool) alloc() *AnonVMA {
+	av := &AnonVMA{pool: p, id: p.allocated.Add(1)}
+	av.rwsem.Init(locks.ClassAnonVMA)
+	av.root, av.parent = av, av
+	av.refcount.Store(1)
+	p.live.Add(1)
+	return av
+}
+
+// link puts a new chain between v and av in both lists. Called with av's
+// family lock held for write.
+func link(v *VMA, av *AnonVMA) {
+	c := &Chain{VMA: v, AnonVMA: av}
+	c.node = itree.Node[*Chain]{Start: v.PgOff, Last: v.lastIndex(), Value: c}
+	av.tree.Insert(&c.node)
+	v.chains = append(v.chains, c)
+}
+
+// Prepare gives v an anon_vma before its first anonymous page is faulted
+// in (anon_vma_prepare): a new root family of its own.
+func (p *Pool) Prepare(v *VMA) error {
+	if v.AnonVMA != nil {
+		return nil
+	}
+	if v.End <= v.Start {
+		return fmt.Errorf("rmap: prepare of empty VMA [%#x, %#x): %w", v.Start, v.End, ErrInvalid)
+	}
+	av := p.alloc()
+	av.Lock()
+	link(v, av)
+	av.numChildren++ // the self-parent link of a root
+	av.numActiveVMAs++
+	v.AnonVMA = av
+	av.Unlock()
+	return nil
+}
+
+// Clone links dst to every anon_vma src is linked to (anon_vma_clone):
+// for a VMA split off src, or copied from it by mremap, dst starts as a
+// copy of src (vm_area_dup), its AnonVMA included, and must have no
+// chains yet. If dst has no anon_vma and src has one (Fork), an anon_vma of the
+// family that no VMA uses any more and that has at most one child is
+// reused as dst's own (never the root), which is what keeps a long chain
+// of fork-and-exit from growing without bound.
+func (p *Pool) Clone(dst, src *VMA) error {
+	if len(dst.chains) != 0 {
+		return fmt.Errorf("rmap: clone into a linked VMA: %w", ErrInvalid)
+	}
+	for _, pc := range src.chains {
+		av := pc.AnonVMA
+		av.Lock()
+		link(dst, av)
+		if dst.AnonVMA == nil && src.AnonVMA != nil && av.numChildren < 2 && av.numActiveVMAs == 0 {
+			dst.AnonVMA = av
+		}
+		av.Unlock()
+	}
+	if dst.AnonVMA != nil {
+		dst.AnonVMA.Lock()
+		dst.AnonVMA.numActiveVMAs++
+		dst.AnonVMA.Unlock()
+	}
+	return nil
+}
+
+// Fork links a child's copy of a VMA into its parent's family
+// (anon_vma_fork): the child's VMA joins every anon_vma the parent's is
+// linked to, so pages the parent had at fork are found from the child
+// too, and gets an anon_vma of its own (or reuses an idle one) for the
+// pages it copies on write later, so those are found only from it and its
+// own descendants.
+func (p *Pool) Fork(child, parent *VMA) error {
+	if parent.AnonVMA == nil {
+		return nil
+	}
+	child.AnonVMA = nil
+	if err := p.Clone(child, parent); err != nil {
+		return err
+	}
+	if child.AnonVMA != nil {
+		return nil // an idle anon_vma of the family was reused
+	}
+	av := p.alloc()
+	av.numActiveVMAs = 1
+	av.root = parent.AnonVMA.root
+	av.parent = parent.AnonVMA
+	av.root.refcount.Add(1) // every member holds its root
+	child.AnonVMA = av
+	av.Lock()
+	link(child, av)
+	av.parent.numChildren++
+	av.Unlock()
+	return nil
+}
+
+// Unlink detaches v from every anon_vma (unlink_anon_vmas), freeing those
+// no VMA and no child needs any more; a root is freed only after every
+// member of its family.
+func (p *Pool) Unlink(v *VMA) {
+	var empty []*AnonVMA
+	var lockedRoot *AnonVMA
+	lock := func(av *AnonVMA) {
+		if av.root != lockedRoot {
+			if lockedRoot != nil {
+				lockedRoot.rwsem.Unlock()
+			}
+			lockedRoot = av.root
+			lockedRoot.rwsem.Lock()
+		}
+	}
+	for _, c := range v.chains {
+		av := c.AnonVMA
+		lock(av)
+		av.tree.Remove(&c.node)
+		if av.tree.Len() == 0 {
+			av.parent.numChildren--
+			empty = append(empty, av)
+		}
+	}
+	if v.AnonVMA != nil {
+		lock(v.AnonVMA)
+		v.AnonVMA.numActiveVMAs--
+		v.AnonVMA = nil
+	}
+	if lockedRoot != nil {
+		lockedRoot.rwsem.Unlock()
+	}
+	v.chains = nil
+	// Freed outside the lock: freeing a root needs it.
+	for _, av := range empty {
+		p.put(av)
+	}
+}
+
+// put drops a reference (put_anon_vma); the last one frees the anon_vma
+// and drops its hold on the root.
+func (p *Pool) put(av *AnonVMA) {
+	if av.refcount.Add(-1) != 0 {
+		return
+	}
+	root := av.root
+	p.free(av)
+	if root != av && root.refcount.Add(-1) == 0 {
+		p.free(root)
+	}
+}
+
+func (p *Pool) free(av *AnonVMA) {
+	av.freed = true
+	p.live.Add(-1)
+	if p.OnFree != nil {
+		p.OnFree(av)
+	}
+}
+
+// Adjust changes v's range (a VMA split, shrunk or grown): its chains are
+// re-keyed in their trees under their family locks (vma_adjust's
+// anon_vma_interval_tree_pre/post_update_vma).
+func (p *Pool) Adjust(v *VMA, start, end, pgoff uint64) {
+	for _, c := range v.chains {
+		c.AnonVMA.Lock()
+		c.AnonVMA.tree.Remove(&c.node)
+		c.AnonVMA.Unlock()
+	}
+	v.Start, v.End, v.PgOff = start, end, pgoff
+	for _, c := range v.chains {
+		c.AnonVMA.Lock()
+		c.node = itree.Node[*Chain]{Start: v.PgOff, Last: v.lastIndex(), Value: c}
+		c.AnonVMA.tree.Insert(&c.node)
+		c.AnonVMA.Unlock()
+	}
+}
+
+// VMAsAt yields every VMA whose chain in av's tree covers page offset
+// index: the VMAs that may map a page of av at that offset (the heart of
+// rmap_walk_anon). The caller holds the family lock (RLock).
+func (av *AnonVMA) VMAsAt(index uint64) iter.Seq[*VMA] {
+	return func(yield func(*VMA) bool) {
+		for n := range av.tree.Overlapping(index, index) {
+			if !yield(n.Value.VMA) {
+				return
+			}
+		}
+	}
+}
+
+// Address returns where v maps page offset index, and whether it does.
+func (v *VMA) Address(index uint64) (uint64, bool) {
+	if index < v.PgOff || index > v.lastIndex() {
+		return 0, false
+	}
+	return v.Start + (index-v.PgOff)*pageSize, true
+}
