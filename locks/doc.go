@@ -35,7 +35,8 @@
 // both acquisition sites. Reports are recorded (LockdepViolations) and
 // passed to an optional handler (SetLockdepHandler). Goroutines stand in
 // for kernel tasks; a lock released by another goroutine than the one that
-// took it is found and released wherever it is recorded.
+// took it is found and released wherever it is recorded (see TrackRelease
+// for the one case it cannot attribute).
 //
 // # Invariants
 //

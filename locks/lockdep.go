@@ -180,7 +180,10 @@ func TrackTryAcquire(key any, c *Class, shared bool) {
 
 // TrackRelease tells the checker the lock identified by key was released.
 // A lock released by a goroutine other than the one that took it (allowed
-// for every gomm lock, as for Go's) is found wherever it is held.
+// for every gomm lock, as for Go's) is found wherever it is held, with one
+// limit: when several goroutines hold it shared, or wait for it, and the
+// releaser is none of them, the checker cannot tell whose hold ended and
+// drops the oldest record. gomm itself never releases that way.
 func TrackRelease(key any) {
 	if lockdepOn.Load() {
 		trackRelease(key)

@@ -72,6 +72,15 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					}
 					return true // Range goes on into the split table
 				}
+				cur := s.Get()
+				if cur.IsPresent() && cur&pagetable.Special == 0 {
+					// Every frame must exist before the leaf goes, or the
+					// zap would stop half-way through its 512 frames.
+					if _, ferr := g.frame(cur.PFN() + pagetable.Entries - 1); ferr != nil {
+						err = ferr
+						return false
+					}
+				}
 				old := s.GetAndClear()
 				g.RemovePMD(s.Base())
 				if !old.IsPresent() {
@@ -83,11 +92,7 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					return true
 				}
 				for i := range uint64(pagetable.Entries) {
-					f, ferr := g.frame(old.PFN() + i)
-					if ferr != nil {
-						err = ferr
-						return false
-					}
+					f, _ := g.frame(old.PFN() + i) // checked above; A/D changes keep the PFN
 					f.DecMapCount()
 					st.Frames++
 					g.RemovePage(f)

@@ -361,3 +361,29 @@ func TestConcurrentMapsKeepCounts(t *testing.T) {
 	}
 	assert.Equal(t, n, pt.Count())
 }
+
+// TestWalkRestartsWhenItsLeafMoves: a walker read a huge leaf without
+// Accessed, then the leaf was split before its compare-and-swap landed.
+// Re-reading the same slot finds it empty; the walk must start over from
+// the root and find the new table, not report the address unmapped
+// (review finding).
+func TestWalkRestartsWhenItsLeafMoves(t *testing.T) {
+	tb := New(Options{})
+	const base = 4 * HugeSize
+	require.NoError(t, tb.MapHuge(base, NewPTE(pfnFor(base), Write|User)))
+	pmd := tb.pgd.next[pgdIndex(base)].Load().next[pudIndex(base)].Load()
+	slot := &pmd.entries[pmdIndex(base)]
+	stale := PTE(slot.Load()) // what the walker read
+
+	s, _, err := tb.LockPMD(base, false)
+	require.NoError(t, err)
+	require.NoError(t, s.Split())
+	s.Unlock()
+
+	_, done := tb.walkLeaf(slot, stale, AccessRead|AccessUser, LevelPMD)
+	assert.False(t, done, "the stale leaf's update fails: the walk must be redone")
+	tr := tb.Walk(base+0x3008, AccessRead|AccessUser)
+	require.Equal(t, FaultNone, tr.Fault)
+	assert.Equal(t, LevelPTE, tr.Level)
+	assert.Equal(t, pfnFor(base+0x3000), tr.PFN)
+}

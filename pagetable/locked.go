@@ -192,8 +192,8 @@ func (s PMDSlot) HasTable() bool { return s.pmd.next[s.slot].Load() != nil }
 // the slot must not hold a PTE table: otherwise ErrInvalid or ErrBusy, and
 // nothing changes.
 func (s PMDSlot) Set(e PTE) (PTE, error) {
-	if e != 0 && !e.IsHuge() && !e.IsSwap() {
-		return 0, fmt.Errorf("pagetable: PMD entry %v is not a huge leaf: %w", e, ErrInvalid)
+	if e != 0 && !e.IsHuge() && !e.IsSwap() || e.IsHuge() && e.PFN()%Entries != 0 {
+		return 0, fmt.Errorf("pagetable: PMD entry %v is not a 512-aligned huge leaf: %w", e, ErrInvalid)
 	}
 	if s.HasTable() {
 		return 0, fmt.Errorf("pagetable: PMD slot %#x holds a PTE table: %w", s.base, ErrBusy)

@@ -248,6 +248,8 @@ func TestHugeLeaves(t *testing.T) {
 	assert.ErrorIs(t, err, ErrInvalid, "a present PMD entry must be huge")
 	_, err = s.Set(PTE(0x800))
 	assert.ErrorIs(t, err, ErrInvalid, "garbage is refused")
+	_, err = s.Set(NewPTE(MaxPFN, Huge))
+	assert.ErrorIs(t, err, ErrInvalid, "a huge leaf must start on a 512-frame boundary")
 	assert.True(t, s.Get().IsHuge(), "refused sets change nothing")
 	assert.False(t, s.TestAndClearYoung())
 	assert.True(t, s.WriteProtect().IsWritable())

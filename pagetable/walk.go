@@ -109,62 +109,70 @@ func (t *Table) Walk(va uint64, acc Access) Translation {
 	if !canonical(va) {
 		return Translation{Level: LevelPGD, Fault: FaultNonCanonical}
 	}
+	for {
+		if tr, done := t.walkOnce(va, acc); done {
+			return tr
+		}
+		// The leaf changed under the Accessed/Dirty update: start over
+		// from the root, as x86 hardware does, since the entry may have
+		// moved (a huge leaf split into a new table).
+	}
+}
+
+// walkOnce is one walk from the root; done is false if it must be redone.
+func (t *Table) walkOnce(va uint64, acc Access) (tr Translation, done bool) {
 	pud := t.pgd.next[pgdIndex(va)].Load()
 	if pud == nil {
-		return Translation{Level: LevelPGD, Fault: FaultNotPresent}
+		return Translation{Level: LevelPGD, Fault: FaultNotPresent}, true
 	}
 	pmd := pud.next[pudIndex(va)].Load()
 	if pmd == nil {
-		return Translation{Level: LevelPUD, Fault: FaultNotPresent}
+		return Translation{Level: LevelPUD, Fault: FaultNotPresent}, true
 	}
 	i := pmdIndex(va)
 	if e := pmd.entries[i].Load(); e != 0 {
-		tr := t.walkLeaf(&pmd.entries[i], PTE(e), acc, LevelPMD)
-		if tr.Fault == FaultNone {
+		tr, done := t.walkLeaf(&pmd.entries[i], PTE(e), acc, LevelPMD)
+		if done && tr.Fault == FaultNone {
 			tr.PFN += uint64(pteIndex(va))
 		}
-		return tr
+		return tr, done
 	}
 	page := pmd.next[i].Load()
 	if page == nil {
 		// The leaf may have been split between the two loads.
-		if e := pmd.entries[i].Load(); e != 0 {
-			return t.Walk(va, acc)
-		}
-		return Translation{Level: LevelPMD, Fault: FaultNotPresent}
+		return Translation{Level: LevelPMD, Fault: FaultNotPresent}, pmd.entries[i].Load() == 0
 	}
 	j := pteIndex(va)
 	return t.walkLeaf(&page[j], PTE(page[j].Load()), acc, LevelPTE)
 }
 
-// walkLeaf checks and updates one leaf. slot is the entry's word.
-func (t *Table) walkLeaf(slot *atomic.Uint64, e PTE, acc Access, level Level) Translation {
-	for {
-		if !e.IsPresent() {
-			if e == PoisonPTE {
-				t.notePoison()
-				return Translation{PTE: e, Level: level, Fault: FaultPoisoned}
-			}
-			return Translation{PTE: e, Level: level, Fault: FaultNotPresent}
+// walkLeaf checks one leaf and sets its Accessed (and Dirty) bits; done
+// is false if the entry changed before the update could land.
+func (t *Table) walkLeaf(slot *atomic.Uint64, e PTE, acc Access, level Level) (Translation, bool) {
+	if !e.IsPresent() {
+		if e == PoisonPTE {
+			t.notePoison()
+			return Translation{PTE: e, Level: level, Fault: FaultPoisoned}, true
 		}
-		if (acc&AccessWrite != 0 && e&Write == 0) ||
-			(acc&AccessUser != 0 && e&User == 0) ||
-			(acc&AccessExec != 0 && e&NoExec != 0) {
-			return Translation{PTE: e, Level: level, Fault: FaultProtection}
-		}
-		need := Accessed
-		if acc&AccessWrite != 0 {
-			need |= Dirty
-		}
-		if e&need == need {
-			return Translation{PTE: e, Level: level, PFN: e.PFN()}
-		}
-		if slot.CompareAndSwap(uint64(e), uint64(e|need)) {
-			e |= need
-			return Translation{PTE: e, Level: level, PFN: e.PFN()}
-		}
-		e = PTE(slot.Load())
+		return Translation{PTE: e, Level: level, Fault: FaultNotPresent}, true
 	}
+	if (acc&AccessWrite != 0 && e&Write == 0) ||
+		(acc&AccessUser != 0 && e&User == 0) ||
+		(acc&AccessExec != 0 && e&NoExec != 0) {
+		return Translation{PTE: e, Level: level, Fault: FaultProtection}, true
+	}
+	need := Accessed
+	if acc&AccessWrite != 0 {
+		need |= Dirty
+	}
+	if e&need == need {
+		return Translation{PTE: e, Level: level, PFN: e.PFN()}, true
+	}
+	if !slot.CompareAndSwap(uint64(e), uint64(e|need)) {
+		return Translation{}, false
+	}
+	e |= need
+	return Translation{PTE: e, Level: level, PFN: e.PFN()}, true
 }
 
 // Lookup returns the leaf entry that maps va, or the non-present entry in

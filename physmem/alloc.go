@@ -21,7 +21,8 @@ var (
 	ErrFreed = errors.New("physmem: frame is free")
 	// ErrBadState: the last reference was dropped while the frame was
 	// still mapped or locked (the kernel's "Bad page state"). The frame is
-	// freed anyway; the error says the caller's accounting is wrong.
+	// kept out of circulation, as the kernel does; the error says the
+	// caller's accounting is wrong.
 	ErrBadState = errors.New("physmem: frame freed in a bad state")
 )
 
@@ -204,27 +205,28 @@ func (a *Allocator) Put(f *Frame) error {
 }
 
 func (a *Allocator) free1(f *Frame) error {
-	var err error
-	if f.mapcount.Load() != 0 || f.IsLocked() {
-		a.badStates.Add(1)
-		err = fmt.Errorf("physmem: free %v: %w", f, ErrBadState)
-	}
 	if hooks := a.hooks.Load(); hooks != nil {
 		for _, h := range *hooks {
 			h.fn(f)
 		}
 	}
+	if f.mapcount.Load() != 0 || f.IsLocked() {
+		// The kernel's bad_page: report, and keep the frame out of
+		// circulation rather than hand out something still mapped, or
+		// clear a lock somebody may be sleeping on.
+		a.badStates.Add(1)
+		return fmt.Errorf("physmem: free %v: %w; frame taken out of circulation", f, ErrBadState)
+	}
 	f.data.Store(poisonData)
 	f.gen.Add(1)
 	f.flags.Store(0)
-	f.mapcount.Store(0)
 	f.mapping, f.index, f.private = nil, 0, 0
 	a.frees.Add(1)
 
 	a.mu.Lock()
 	a.free = append(a.free, f.pfn)
 	a.mu.Unlock()
-	return err
+	return nil
 }
 
 // OnFree registers a hook run on every frame free and returns a function

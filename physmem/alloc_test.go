@@ -128,9 +128,19 @@ func TestFreeWhileMappedIsReported(t *testing.T) {
 	f.IncMapCount()
 	err = a.Put(f)
 	assert.ErrorIs(t, err, ErrBadState)
-	assert.True(t, f.IsFree(), "the frame is freed all the same")
-	assert.Zero(t, f.MapCount())
+	assert.Zero(t, f.RefCount())
+	assert.Equal(t, int32(1), f.MapCount(), "left as it was, for the post-mortem")
 	assert.Equal(t, uint64(1), a.Stats().BadStates)
+	assert.Zero(t, a.Stats().Free, "kept out of circulation")
+	_, err = a.Alloc()
+	assert.ErrorIs(t, err, ErrNoMem)
+
+	b := newAlloc(t, 1)
+	g, _ := b.Alloc()
+	require.True(t, g.TryLock())
+	assert.ErrorIs(t, b.Put(g), ErrBadState, "freed while locked")
+	assert.True(t, g.IsLocked(), "the lock is not cleared under a possible sleeper")
+	g.Unlock()
 }
 
 func TestFrameLookup(t *testing.T) {

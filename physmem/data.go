@@ -147,18 +147,24 @@ func (f *Frame) HasData() bool {
 
 // writable returns the frame's data, allocating it on first write.
 func (f *Frame) writable() (*pageData, error) {
-	d := f.data.Load()
-	if d == nil {
-		fresh := new(pageData)
-		if f.data.CompareAndSwap(nil, fresh) {
-			return fresh, nil
+	var fresh *pageData
+	for {
+		switch d := f.data.Load(); d {
+		case poisonData:
+			return nil, fmt.Errorf("physmem: write to pfn %#x: %w", f.pfn, ErrFreed)
+		case nil:
+			// Loop rather than trust one retry: a concurrent Zero can
+			// put nil back between our failed swap and the next load.
+			if fresh == nil {
+				fresh = new(pageData)
+			}
+			if f.data.CompareAndSwap(nil, fresh) {
+				return fresh, nil
+			}
+		default:
+			return d, nil
 		}
-		d = f.data.Load()
 	}
-	if d == poisonData {
-		return nil, fmt.Errorf("physmem: write to pfn %#x: %w", f.pfn, ErrFreed)
-	}
-	return d, nil
 }
 
 func checkSpan(off, n int) error {

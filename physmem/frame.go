@@ -82,8 +82,8 @@ type Mapping interface {
 type pageData [words]atomic.Uint64
 
 // poisonData is what a freed frame's data reads as until it is allocated
-// again. Writes to it are dropped and counted; it is never modified after
-// init.
+// again. Writes to it are refused with ErrFreed; it is never modified
+// after init.
 var poisonData = func() *pageData {
 	p := new(pageData)
 	for i := range p {
