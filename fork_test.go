@@ -34,6 +34,7 @@ func TestForkCopyOnWrite(t *testing.T) {
 	require.NoError(t, pc.Store64(addr, 1))
 	require.NoError(t, pc.Store64(addr+page, 2))
 	_, err = pc.Load64(addr + 2*page) // the zero page
+	require.NoError(t, err)
 
 	log := &rangeLog{mm: parent}
 	_, err = parent.RegisterNotifier(context.Background(), log)
