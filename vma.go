@@ -2,7 +2,6 @@ package gomm
 
 import (
 	"fmt"
-	"strings"
 
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/google/btree"
@@ -231,14 +230,4 @@ func (vt vmaTree) gap(size, floor, top uint64) (addr uint64, ok bool) {
 		return top - size, true
 	}
 	return 0, false
-}
-
-func (vt vmaTree) String() string {
-	var b strings.Builder
-	vt.t.Ascend(func(v *vma) bool {
-		b.WriteString(v.String())
-		b.WriteByte('\n')
-		return true
-	})
-	return b.String()
 }

@@ -92,7 +92,6 @@ type intervals struct {
 	active   int                   // invalidations in flight; protected by mu
 	tree     itree.Tree[*Interval] // protected by mu
 	deferred []deferredOp
-	count    atomic.Int32 // intervals in the tree or about to be
 	// hasTree is set, for good, before the first interval is inserted,
 	// by EnableIntervals under locks that exclude every invalidation in
 	// flight (the MM's mmap_lock for write). From then on every
@@ -128,7 +127,6 @@ func (l *List) Insert(start, length uint64, ops IntervalOps) (*Interval, error) 
 		return nil, fmt.Errorf("notifier: insert on mm %d after release: %w", l.mm.ID(), ErrClosed)
 	}
 	iv.hasTree.Store(true) // a no-op when EnableIntervals ran, as it must for a live mm
-	iv.count.Add(1)
 	switch {
 	case iv.invalidating():
 		// The tree may not change under a running invalidation: the
@@ -186,14 +184,12 @@ func (in *Interval) Remove() error {
 
 func (iv *intervals) remove(in *Interval) {
 	if iv.tree.Remove(&in.node) {
-		iv.count.Add(-1)
 		return
 	}
 	// A deferred insert removed before it happened.
 	for i, d := range iv.deferred {
 		if d.in == in && d.insert {
 			iv.deferred = append(iv.deferred[:i:i], iv.deferred[i+1:]...)
-			iv.count.Add(-1)
 			return
 		}
 	}
@@ -221,7 +217,6 @@ func (iv *intervals) invalidateStart(r *Range) error {
 	}
 	seq := iv.seq
 	iv.mu.Unlock()
-	r.intervals = hit
 	var finishes []func()
 	for _, in := range hit {
 		var ok bool
@@ -240,7 +235,6 @@ func (iv *intervals) invalidateStart(r *Range) error {
 			}
 			r.ivCounted = false
 			iv.end()
-			r.intervals = nil
 			return fmt.Errorf("notifier: interval [%#x, %#x) refused %v: %w", in.start, in.end, r, ErrAgain)
 		}
 	}
@@ -251,7 +245,6 @@ func (iv *intervals) invalidateStart(r *Range) error {
 }
 
 func (iv *intervals) invalidateEnd(r *Range) {
-	r.intervals = nil
 	if r.ivCounted {
 		r.ivCounted = false
 		iv.end()

@@ -335,7 +335,7 @@ func (l *List) Release() {
 // ErrAgain is returned: the caller must not change anything. On success
 // the caller must call InvalidateRangeEnd with the same Range.
 func (l *List) InvalidateRangeStart(r *Range) error {
-	r.started, r.intervals, r.active = r.started[:0], nil, true
+	r.started, r.active = r.started[:0], true
 	if l == nil {
 		return nil
 	}

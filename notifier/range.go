@@ -82,7 +82,6 @@ type Range struct {
 	Owner any
 
 	started   []*Subscription // subscribers whose start ran; set by InvalidateRangeStart
-	intervals []*Interval     // interval notifiers told about this range
 	active    bool            // between a successful start and its end
 	ivCounted bool            // counted among the mm's active interval invalidations
 }
