@@ -2,7 +2,9 @@ package tlb
 
 import (
 	"fmt"
+	"iter"
 	"math/bits"
+	"slices"
 	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/pagetable"
@@ -88,17 +90,23 @@ func (c *Context) Count() int64 { return c.count.Load() }
 func (c *Context) Freed() bool { return c.freed.Load() }
 
 // CPUs returns the ids of the CPUs in the mm's cpumask.
-func (c *Context) CPUs() []int {
-	var ids []int
-	for w := range c.cpumask {
-		m := c.cpumask[w].Load()
-		for m != 0 {
-			b := bits.TrailingZeros64(m)
-			ids = append(ids, w*64+b)
-			m &^= 1 << b
+func (c *Context) CPUs() []int { return slices.Collect(c.cpuSet()) }
+
+// cpuSet yields the ids in the cpumask without allocating: flushes walk it
+// on every call.
+func (c *Context) cpuSet() iter.Seq[int] {
+	return func(yield func(int) bool) {
+		for w := range c.cpumask {
+			m := c.cpumask[w].Load()
+			for m != 0 {
+				b := bits.TrailingZeros64(m)
+				if !yield(w*64 + b) {
+					return
+				}
+				m &^= 1 << b
+			}
 		}
 	}
-	return ids
 }
 
 func (c *Context) setCPU(id int)   { c.cpumask[id/64].Or(1 << (id % 64)) }

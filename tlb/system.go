@@ -197,7 +197,7 @@ func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, f
 		info.start, info.end = 0, FlushAll
 	}
 	info.newGen = ctx.gen.Add(1)
-	for _, id := range ctx.CPUs() {
+	for id := range ctx.cpuSet() {
 		c := s.cpus[id]
 		c.lockForIPI()
 		switch {
@@ -223,7 +223,7 @@ func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, f
 // shootLazies is the shoot-lazies final mmdrop: every CPU in the mask
 // still using ctx as its lazy active mm switches away.
 func (s *System) shootLazies(ctx *Context) {
-	for _, id := range ctx.CPUs() {
+	for id := range ctx.cpuSet() {
 		c := s.cpus[id]
 		s.stats.shootIPIs.Add(1)
 		c.lockForIPI()
