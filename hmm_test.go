@@ -16,41 +16,26 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// hmmMirror is the smallest honest mirroring driver: a device page table
-// filled through RangeFault with the interval-notifier retry loop, and
-// emptied by the notifier. It registers with the checker, so a frame
-// freed while the device still maps it is a violation.
+// hmmMirror is the example driver (device, in driver_example_test.go)
+// with writes and two test switches added: a device page table filled
+// through RangeFault with the interval-notifier retry loop and emptied by
+// the notifier, registered with the checker, so a frame freed while the
+// device still maps it is a violation.
 type hmmMirror struct {
-	m  *gomm.Machine
-	mm *gomm.MM
-	in *notifier.Interval
-
-	mu sync.Mutex
-	pt map[uint64]gomm.PFN // device page table; protected by mu
+	*device
+	m *gomm.Machine
 
 	afterFault func() // if set, runs once between RangeFault and the install
 	skipRetry  bool   // the bug: install without ReadRetry
 }
 
 func newMirror(t *testing.T, m *gomm.Machine, mm *gomm.MM, start, length uint64) *hmmMirror {
-	d := &hmmMirror{m: m, mm: mm, pt: map[uint64]gomm.PFN{}}
+	d := &hmmMirror{device: &device{mm: mm, pt: map[uint64]gomm.PFN{}}, m: m}
 	in, err := mm.InsertInterval(start, length, d)
 	require.NoError(t, err)
 	d.in = in
 	t.Cleanup(m.RegisterCache(d))
 	return d
-}
-
-func (d *hmmMirror) Invalidate(in *notifier.Interval, r *notifier.Range, cur uint64) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	in.SetSeq(cur)
-	for va := range d.pt {
-		if va >= r.Start && va < r.End {
-			delete(d.pt, va)
-		}
-	}
-	return true
 }
 
 // close detaches the device: no more invalidations reach it, so it must
@@ -63,19 +48,6 @@ func (d *hmmMirror) close() error {
 	clear(d.pt)
 	d.mu.Unlock()
 	return nil
-}
-
-func (d *hmmMirror) CacheName() string { return "hmm mirror" }
-
-func (d *hmmMirror) CachedPFN(pfn uint64) (string, bool) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for va, p := range d.pt {
-		if p.PFN == pfn {
-			return fmt.Sprintf("device maps va %#x", va), true
-		}
-	}
-	return "", false
 }
 
 // access reads or writes the word at va the way the device does: through
