@@ -4,18 +4,21 @@ import (
 	"fmt"
 
 	"github.com/gomm-dev/gomm/notifier"
-
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 )
 
 // HandleFault resolves a page fault at va for the access (handle_mm_fault):
 // demand-zero for anonymous memory (the shared zero page on a read, a new
-// zeroed frame on a write), write faults on the zero page or on a
-// read-only exclusive page, and spurious faults (the entry is already
-// fine: the TLB was stale). It returns nil when the access can be retried;
-// an address outside every VMA, or an access its protection forbids, is
-// ErrFault (SIGSEGV). CPUs call it on their own faults.
+// zeroed frame on a write), the page cache for a file mapping (a private
+// one copies the page on the first write), swap-in of a swapped-out page,
+// a wait for a migration to finish, write faults on the zero page, on a
+// shared page or on a read-only private page (copy-on-write, or reuse
+// when nobody else maps it), and spurious faults (the entry is already
+// fine: the TLB was stale). It returns nil when the access can be
+// retried; an address outside every VMA, an access its protection
+// forbids, or a file page past the end of the file is ErrFault (SIGSEGV
+// or SIGBUS). CPUs call it on their own faults.
 func (mm *MM) HandleFault(va uint64, acc pagetable.Access) error {
 	mm.mmapLock.RLock()
 	defer mm.mmapLock.RUnlock()
@@ -51,7 +54,11 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 				e = fixed
 			}
 		}
+		var retry bool
 		switch {
+		case e.IsNone() && v.file != nil:
+			pt.Unlock()
+			retry, err = mm.fileFault(v, page, write)
 		case e.IsNone() && !write:
 			// Read fault: map the zero page read-only (do_anonymous_page).
 			pt.Set(i, pagetable.NewPTE(mm.m.ZeroPFN(), v.prot.leafBits()|pagetable.Special))
@@ -59,18 +66,31 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return nil
 		case e.IsNone():
 			pt.Unlock()
-			retry, err := mm.newAnonPage(v, page, e)
-			if err != nil || !retry {
-				return err
-			}
+			retry, err = mm.newAnonPage(v, page, e)
+		case e.IsMigration():
+			pt.Unlock()
+			mm.m.waitMigration(e)
+			retry = true
+		case e.IsSwap():
+			pt.Unlock()
+			retry, err = mm.swapIn(v, page, e, write)
 		case !e.IsPresent():
 			pt.Unlock()
-			return fmt.Errorf("gomm: %v at %#x: entry %v cannot be faulted in yet: %w", acc, va, e, ErrFault)
+			return fmt.Errorf("gomm: %v at %#x: entry %v cannot be faulted in: %w", acc, va, e, ErrFault)
 		case !write || e.IsWritable():
 			// Spurious: another CPU resolved it, or the TLB was stale.
 			pt.Unlock()
 			return nil
-		case e&pagetable.Special == 0 && mm.exclusive(e):
+		case v.shared():
+			// wp_page_shared: the first write to a clean shared page
+			// makes it writable and dirty, so writeback will see it.
+			if f, ferr := mm.m.ram.Frame(physmem.PFN(e.PFN())); ferr == nil {
+				f.SetFlags(physmem.FlagDirty)
+			}
+			pt.CompareAndSet(i, e, e.With(pagetable.Write|pagetable.Dirty|pagetable.Accessed))
+			pt.Unlock()
+			return nil
+		case e&pagetable.Special == 0 && mm.m.reusable(e):
 			// The only mapping of an anonymous page: reuse it (wp_page_reuse).
 			// An upgrade needs no flush.
 			pt.CompareAndSet(i, e, e.With(pagetable.Write|pagetable.Dirty|pagetable.Accessed))
@@ -78,28 +98,50 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return nil
 		default:
 			pt.Unlock()
-			retry, err := mm.copyOnWrite(v, page, e)
-			if err != nil || !retry {
-				return err
-			}
+			retry, err = mm.copyOnWrite(v, page, e)
+		}
+		if err != nil || !retry {
+			return err
 		}
 	}
 }
 
-// exclusive reports whether the present entry e maps a frame nobody else
-// maps. Called under the entry's PTE lock.
-func (mm *MM) exclusive(e pagetable.PTE) bool {
-	f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
-	return err == nil && f.MapCount() == 1
+// reusable reports whether the present entry e maps an anonymous frame a
+// write may take over rather than copy (wp_can_reuse_anon_folio): mapped
+// once, not a KSM page, and out of the swap cache, or removable from it
+// because no swap entry names its slot. Called under the entry's PT lock,
+// so the page lock is only tried.
+func (m *Machine) reusable(e pagetable.PTE) bool {
+	f, err := m.ram.Frame(physmem.PFN(e.PFN()))
+	if err != nil || !f.Has(physmem.FlagAnon) || f.Has(physmem.FlagKSM) || f.MapCount() != 1 {
+		return false
+	}
+	if !f.Has(physmem.FlagSwapCache) {
+		return true
+	}
+	if !f.TryLock() {
+		return false
+	}
+	defer f.Unlock()
+	if m.swap.cached(f) && m.swap.entries(f.Private()) == 0 {
+		m.swap.remove(f)
+	}
+	return !f.Has(physmem.FlagSwapCache)
 }
 
 // newAnonPage allocates a zeroed frame and installs it at page if the
 // entry still holds old; retry is true if it changed meanwhile.
 func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, err error) {
-	f, err := mm.allocAnon(page, nil)
+	f, err := mm.allocAnon(v, page, nil)
 	if err != nil {
 		return false, err
 	}
+	return mm.mapNewAnon(v, page, old, f)
+}
+
+// mapNewAnon installs the new anonymous frame f at page if the entry
+// still holds old; if not, f is dropped and retry is true.
+func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame) (retry bool, err error) {
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
@@ -115,19 +157,27 @@ func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	}
 	pt.Unlock()
 	mm.rss.Add(1)
+	mm.m.lru.add(f, true)
 	return false, nil
 }
 
 // copyOnWrite gives page a private writable copy of what old maps (the
-// zero page, or a frame shared with another mapping) (wp_page_copy): the
-// old entry is cleared and flushed from every TLB before the new one is
-// installed, and only then is the old frame's reference dropped.
+// zero page, a page-cache page of a private file mapping, a KSM page, or
+// a frame shared with another mapping) (wp_page_copy): the old entry is
+// cleared and flushed from every TLB before the new one is installed,
+// and only then is the old frame's reference dropped.
 func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, err error) {
 	src, err := mm.m.ram.Frame(physmem.PFN(old.PFN()))
 	if err != nil {
 		return false, err
 	}
-	f, err := mm.allocAnon(page, src)
+	if old&pagetable.Special == 0 && !mm.m.ram.TryGet(src) {
+		return true, nil // unmapped and freed meanwhile: look again
+	}
+	f, err := mm.allocAnon(v, page, src)
+	if old&pagetable.Special == 0 {
+		_ = mm.m.ram.Put(src) // the entry, if still there, holds its own
+	}
 	if err != nil {
 		return false, err
 	}
@@ -154,6 +204,7 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	pt.Set(i, anonPTE(v, f))
 	pt.Unlock()
 	mm.rss.Add(1)
+	mm.m.lru.add(f, true)
 	if old&pagetable.Special == 0 {
 		src.DecMapCount()
 		mm.rss.Add(-1)
@@ -164,10 +215,12 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	return false, nil
 }
 
-// allocAnon allocates a frame for anonymous memory at page, zeroed or a
-// copy of src.
-func (mm *MM) allocAnon(page uint64, src *physmem.Frame) (*physmem.Frame, error) {
-	f, err := mm.m.ram.Alloc()
+// allocAnon allocates a frame for anonymous memory at page of v, zeroed
+// or a copy of src, and gives it v's anon_vma as its mapping
+// (folio_add_new_anon_rmap).
+func (mm *MM) allocAnon(v *vma, page uint64, src *physmem.Frame) (*physmem.Frame, error) {
+	av := mm.anonVMA(v)
+	f, err := mm.m.allocFrame()
 	if err != nil {
 		return nil, fmt.Errorf("gomm: fault at %#x: %w", page, err)
 	}
@@ -178,6 +231,7 @@ func (mm *MM) allocAnon(page uint64, src *physmem.Frame) (*physmem.Frame, error)
 		}
 	}
 	f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
+	f.SetMapping(av, v.Index(page))
 	return f, nil
 }
 
@@ -185,4 +239,62 @@ func (mm *MM) allocAnon(page uint64, src *physmem.Frame) (*physmem.Frame, error)
 // writable, dirty and young.
 func anonPTE(v *vma, f *physmem.Frame) pagetable.PTE {
 	return pagetable.NewPTE(uint64(f.PFN()), v.prot.leafBits()|pagetable.Write|pagetable.Dirty|pagetable.Accessed)
+}
+
+// fileFault maps page of the file mapping v (filemap_fault and
+// finish_fault): the page-cache page itself for a read or a shared
+// write, or a private copy for a write to a private mapping
+// (do_cow_fault). The page lock is held while the entry goes in, so a
+// truncation either sees the mapping and removes it, or comes first and
+// the fault sees the page gone.
+func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error) {
+	var cow *physmem.Frame
+	if write && !v.shared() {
+		if cow, err = mm.allocAnon(v, page, nil); err != nil {
+			return false, err
+		}
+	}
+	p, err := v.file.lockedPage(v.Index(page))
+	if err != nil {
+		if cow != nil {
+			_ = mm.m.ram.Put(cow)
+		}
+		return false, err
+	}
+	if cow != nil {
+		err = cow.CopyFrom(p)
+		p.Unlock()
+		_ = mm.m.ram.Put(p)
+		if err != nil {
+			_ = mm.m.ram.Put(cow)
+			return false, err
+		}
+		return mm.mapNewAnon(v, page, 0, cow)
+	}
+	defer p.Unlock()
+	pt, err := mm.table.AllocLockPTE(page)
+	if err != nil {
+		_ = mm.m.ram.Put(p)
+		return false, err
+	}
+	i := pt.Index(page)
+	if !pt.Get(i).IsNone() {
+		pt.Unlock()
+		_ = mm.m.ram.Put(p)
+		return true, nil
+	}
+	e := pagetable.NewPTE(uint64(p.PFN()), v.prot.leafBits()|pagetable.Accessed)
+	if write { // shared: the page is dirty from now on
+		e |= pagetable.Write | pagetable.Dirty
+		p.SetFlags(physmem.FlagDirty)
+	}
+	p.IncMapCount() // the lookup's reference becomes the entry's
+	pt.Set(i, e)
+	pt.Unlock()
+	mm.rss.Add(1)
+	return false, nil
+}
+
+func errBadSwap(page uint64, e pagetable.PTE) error {
+	return fmt.Errorf("gomm: fault at %#x: swap entry %v names no swap device: %w", page, e, ErrFault)
 }

@@ -6,6 +6,7 @@ import (
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
 )
 
 // Fork creates a child address space that is a copy-on-write duplicate of
@@ -32,9 +33,18 @@ func (mm *MM) Fork() (*MM, error) {
 	var err error
 	var ranges []*notifier.Range
 	mm.vmas.t.Ascend(func(v *vma) bool {
-		child.vmas.t.ReplaceOrInsert(&vma{start: v.start, end: v.end, prot: v.prot})
-		ranges = append(ranges, mm.invalidateStart(v.start, v.end, notifier.EventProtectionPage))
-		err = mm.copyRange(child, v.start, v.end)
+		cv := v.dup(child)
+		cv.ClearFlags(rmap.VMLocked) // mlock is not inherited
+		// anon_vma_fork before the copy: a walk of a page the copy is
+		// about to map must find the child's VMA.
+		if err = mm.m.anonVMAs.Fork(&cv.VMA, &v.VMA); err != nil {
+			return false
+		}
+		child.insertVMA(cv)
+		if !v.shared() {
+			ranges = append(ranges, mm.invalidateStart(v.Start, v.End, notifier.EventProtectionPage))
+		}
+		err = mm.copyRange(child, v, v.Start, v.End)
 		return err == nil
 	})
 	// The parent's write rights are gone from its page table; now from
@@ -51,13 +61,17 @@ func (mm *MM) Fork() (*MM, error) {
 	return child, nil
 }
 
-// copyRange copies the entries of [start, end) into child
-// (copy_pte_range): each present anonymous page is write-protected in the
-// parent and mapped read-only in the child with a reference of its own.
+// copyRange copies the entries of [start, end) of v into child
+// (copy_pte_range): each present page of a private mapping is
+// write-protected in the parent and mapped read-only in the child, a
+// shared mapping's entries are copied as they are, each with a reference
+// and a map count of its own; a swap entry takes another reference on
+// its slot, and a writable migration entry becomes a read-only one in
+// both, so the page is copied on write once it has moved.
 // A table's entries are collected under the parent's PTE lock and
 // installed under the child's afterwards, so two PTE locks are never held
 // at once. Called with mmap_lock held for write.
-func (mm *MM) copyRange(child *MM, start, end uint64) error {
+func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 	type entry struct {
 		va uint64
 		e  pagetable.PTE
@@ -76,10 +90,23 @@ func (mm *MM) copyRange(child *MM, start, end uint64) error {
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
 				e := pt.Get(i)
-				if !e.IsPresent() {
+				switch {
+				case e.IsNone():
 					continue
-				}
-				if e&pagetable.Special == 0 {
+				case e.IsMigration():
+					if s, _ := e.Swap(); s.Type == pagetable.SwapMigrationWrite && !v.shared() {
+						e = pagetable.NewMigrationPTE(s.Offset, false)
+						pt.Set(i, e)
+					}
+				case e.IsSwap():
+					s, _ := e.Swap()
+					if err := mm.m.swap.Dup(s.Offset); err != nil {
+						ferr = err
+						return false
+					}
+				case !e.IsPresent():
+					continue
+				case e&pagetable.Special == 0:
 					f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
 					if err != nil {
 						ferr = err
@@ -90,7 +117,9 @@ func (mm *MM) copyRange(child *MM, start, end uint64) error {
 						return false
 					}
 					f.IncMapCount()
-					e = pt.WriteProtect(i).Without(pagetable.Write)
+					if !v.shared() {
+						e = pt.WriteProtect(i).Without(pagetable.Write)
+					}
 				}
 				batch = append(batch, entry{va: pt.VA(i), e: e})
 			}
@@ -112,7 +141,7 @@ func (mm *MM) copyRange(child *MM, start, end uint64) error {
 		}
 		pt.Set(pt.Index(c.va), c.e)
 		pt.Unlock()
-		if c.e&pagetable.Special == 0 {
+		if c.e.IsPresent() && c.e&pagetable.Special == 0 {
 			child.rss.Add(1)
 		}
 	}
@@ -122,6 +151,10 @@ func (mm *MM) copyRange(child *MM, start, end uint64) error {
 // dropCopied gives back the reference and mapping a copied entry would
 // have held.
 func (mm *MM) dropCopied(e pagetable.PTE) {
+	if !e.IsPresent() {
+		mm.m.zapEntry(e)
+		return
+	}
 	if e&pagetable.Special != 0 {
 		return
 	}

@@ -5,7 +5,9 @@ import (
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/gomm-dev/gomm/internal/check"
+	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
 	"github.com/gomm-dev/gomm/tlb"
 )
 
@@ -38,6 +40,9 @@ type Config struct {
 	TLBEntries  int         // 4 KiB entries per CPU TLB; default 64
 	HugeEntries int         // 2 MiB entries per CPU TLB; default 8
 	LazyTLB     LazyTLBMode // default LazyRefcount
+	// SwapSlots is the size of the swap device in pages; 0 means no
+	// swap, so anonymous memory is never reclaimed (file pages still are).
+	SwapSlots int
 	// Check turns the invariant checker on: every frame free and every
 	// downgrade is verified against every TLB. Off, it costs nothing.
 	Check bool
@@ -51,6 +56,12 @@ type Machine struct {
 	sys  *tlb.System
 	chk  *check.Checker // nil when off
 	zero *physmem.Frame // the shared zero page (ZERO_PAGE), never freed
+
+	anonVMAs  rmap.Pool
+	rmapEnv   rmap.Env
+	swap      *swapDevice // nil without swap
+	lru       *lru
+	reclaimed reclaimCounters
 }
 
 // NewMachine builds a machine.
@@ -68,7 +79,18 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Machine{cfg: cfg, ram: ram}
+	if cfg.SwapSlots < 0 || cfg.SwapSlots > pagetable.MaxSwapOffset {
+		return nil, fmt.Errorf("gomm: %d swap slots: %w", cfg.SwapSlots, ErrInvalid)
+	}
+	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(cfg.Frames)}
+	if cfg.SwapSlots > 0 {
+		m.swap = newSwapDevice(ram, cfg.SwapSlots)
+	}
+	ram.OnFree(func(f *physmem.Frame) {
+		if f.Has(physmem.FlagLRU) {
+			m.lru.del(f)
+		}
+	})
 	if cfg.Check {
 		m.chk = check.New()
 		ram.OnFree(func(f *physmem.Frame) { m.chk.FrameFreed(uint64(f.PFN())) })
@@ -79,6 +101,10 @@ func NewMachine(cfg Config) (*Machine, error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	m.rmapEnv = rmap.Env{RAM: ram, TLB: m.sys, Check: m.chk}
+	if m.swap != nil {
+		m.rmapEnv.Swap = m.swap
 	}
 	if m.zero, err = ram.Alloc(); err != nil {
 		return nil, err
@@ -115,12 +141,20 @@ func (m *Machine) OnViolation(fn func(Violation)) (prev func(Violation)) {
 
 // Stats are a machine's counters.
 type Stats struct {
-	TLB    tlb.Stats
-	RAM    physmem.Stats
-	Checks uint64 // invariant checks run
+	TLB     tlb.Stats
+	RAM     physmem.Stats
+	Reclaim ReclaimStats
+	Swap    SwapStats
+	LRU     struct{ Inactive, Active int }
+	// AnonVMAs is how many anon_vmas are live.
+	AnonVMAs int64
+	Checks   uint64 // invariant checks run
 }
 
 // Stats returns a snapshot of the machine's counters.
 func (m *Machine) Stats() Stats {
-	return Stats{TLB: m.sys.Stats(), RAM: m.ram.Stats(), Checks: m.chk.Checks()}
+	st := Stats{TLB: m.sys.Stats(), RAM: m.ram.Stats(), Reclaim: m.reclaimed.snapshot(), Swap: m.swap.stats(),
+		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks()}
+	st.LRU.Inactive, st.LRU.Active = m.lru.lens()
+	return st
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
 	"github.com/gomm-dev/gomm/tlb"
 )
 
@@ -38,8 +39,12 @@ type MM struct {
 	exited    bool    // protected by mmapLock (set with it held for write)
 	notifiers notifier.List
 
+	// anonMu serializes anon_vma_prepare among faults, which hold
+	// mmap_lock only for read (the kernel uses the page_table_lock).
+	anonMu sync.Mutex
+
 	users  atomic.Int64  // mm_users
-	rss    atomic.Int64  // anonymous frames mapped (MM_ANONPAGES)
+	rss    atomic.Int64  // frames mapped: anonymous, page cache, KSM (MM_ANONPAGES + MM_FILEPAGES)
 	faults atomic.Uint64 // faults handled
 
 	// Page tables live in RAM, as in the kernel: each table allocation
@@ -118,7 +123,8 @@ func (mm *MM) Exit() error { return mm.Put() }
 // Users returns mm_users.
 func (mm *MM) Users() int64 { return mm.users.Load() }
 
-// RSS returns the number of anonymous frames mapped.
+// RSS returns the number of frames mapped (anonymous, page cache and
+// KSM pages; not the zero page).
 func (mm *MM) RSS() int64 { return mm.rss.Load() }
 
 // Faults returns the number of faults handled.
@@ -130,7 +136,12 @@ func (mm *MM) VMAs() []VMA {
 	defer mm.mmapLock.RUnlock()
 	var out []VMA
 	mm.vmas.t.Ascend(func(v *vma) bool {
-		out = append(out, VMA{Start: v.start, End: v.end, Prot: v.prot})
+		d := VMA{Start: v.Start, End: v.End, Prot: v.prot, Shared: v.shared(), File: v.file,
+			Locked: v.Flags()&rmap.VMLocked != 0, Mergeable: v.Flags()&rmap.VMMergeable != 0}
+		if v.file != nil {
+			d.Offset = v.PgOff * PageSize
+		}
+		out = append(out, d)
 		return true
 	})
 	return out
@@ -146,10 +157,13 @@ func (mm *MM) exitMmap() error {
 	mm.notifiers.Release()
 	mm.mmapLock.Lock()
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
+	g.OnNonPresent(mm.m.zapEntry)
 	var err error
 	var nfreed int
+	var vs []*vma
 	mm.vmas.t.Ascend(func(v *vma) bool {
-		st, zerr := g.Zap(v.start, v.end)
+		vs = append(vs, v)
+		st, zerr := g.Zap(v.Start, v.End)
 		mm.rss.Add(-int64(st.Frames))
 		if zerr != nil && err == nil {
 			err = zerr // go on: the rest must be torn down all the same
@@ -157,6 +171,9 @@ func (mm *MM) exitMmap() error {
 		return true
 	})
 	mm.vmas.t.Clear(false)
+	for _, v := range vs {
+		mm.unlinkVMA(v)
+	}
 	freed, ferr := mm.table.FreeEmpty(0, userCeiling, nil)
 	g.RemoveTables(freed...)
 	nfreed = len(freed)
@@ -168,6 +185,7 @@ func (mm *MM) exitMmap() error {
 	}
 	mm.unchargeTables(nfreed)
 	mm.mmapLock.Unlock()
+	mm.m.swap.dropOrphans()
 	mm.ctx.Drop()
 	return err
 }
@@ -206,9 +224,12 @@ func (mm *MM) PageTableFrames() int {
 	return len(mm.ptFrames)
 }
 
-// newGather starts a gather on the MM.
+// newGather starts a gather on the MM; swap entries it zaps give their
+// slots back.
 func newGather(mm *MM) *mmugather.Gather {
-	return mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx)
+	g := mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx)
+	g.OnNonPresent(mm.m.zapEntry)
+	return g
 }
 
 // invalidateStart opens a blockable invalidation of [start, end) for the

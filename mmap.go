@@ -6,6 +6,7 @@ import (
 	"github.com/gomm-dev/gomm/notifier"
 
 	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/rmap"
 )
 
 // MapFlags are mmap's flags (MAP_*), with Linux's values.
@@ -23,18 +24,56 @@ const (
 	mapTypeMask                = MapShared | MapPrivate
 )
 
-// Mmap maps length bytes of anonymous private memory and returns the
-// address (mmap(2) with MAP_PRIVATE|MAP_ANONYMOUS). addr is a hint unless
+// Mmap maps length bytes of anonymous memory and returns the address
+// (mmap(2) with MAP_ANONYMOUS, which flags must include): private, or
+// shared (MapShared: a new shared-memory file backs it, and a Fork
+// shares its pages instead of copying them). addr is a hint unless
 // MapFixed (replace whatever is there) or MapFixedNoReplace (fail with
 // ErrExist if anything is there) is given, in which case it must be
 // page-aligned. MapPopulate faults every page in before returning (a
 // populate that runs out of memory still returns the mapping, as Linux
-// does). Shared and file mappings are not supported yet: ErrInvalid.
+// does).
 func (mm *MM) Mmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, error) {
 	size, err := mm.checkMmap(addr, length, prot, flags)
 	if err != nil {
 		return 0, err
 	}
+	if flags&MapAnonymous == 0 {
+		return 0, fmt.Errorf("gomm: mmap without MAP_ANONYMOUS needs a file (MmapFile): %w", ErrInvalid)
+	}
+	var file *File
+	if flags&MapShared != 0 {
+		if file, err = mm.m.NewFile(size); err != nil {
+			return 0, err
+		}
+	}
+	return mm.mmapRegion(addr, size, prot, flags, file, 0)
+}
+
+// MmapFile maps length bytes of file from byte offset off (mmap(2) of a
+// file descriptor): MapShared writes reach the file and every other
+// mapping of it; MapPrivate copies a page on its first write. off must
+// be page-aligned; pages past the end of the file fault with ErrFault
+// (SIGBUS), as in Linux. The other flags are as for Mmap.
+func (mm *MM) MmapFile(addr, length uint64, prot Prot, flags MapFlags, file *File, off uint64) (uint64, error) {
+	size, err := mm.checkMmap(addr, length, prot, flags)
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case file == nil || flags&MapAnonymous != 0:
+		return 0, fmt.Errorf("gomm: mmap of a file needs the file and no MAP_ANONYMOUS: %w", ErrInvalid)
+	case off%PageSize != 0 || off > MaxFileSize || size > MaxFileSize-off:
+		return 0, fmt.Errorf("gomm: mmap of a file at offset %#x: %w", off, ErrInvalid)
+	case file.m != mm.m:
+		return 0, fmt.Errorf("gomm: mmap of another machine's file: %w", ErrInvalid)
+	}
+	return mm.mmapRegion(addr, size, prot, flags, file, off/PageSize)
+}
+
+// mmapRegion places and inserts the new VMA (mmap_region), then
+// populates it if asked.
+func (mm *MM) mmapRegion(addr, size uint64, prot Prot, flags MapFlags, file *File, pgoff uint64) (uint64, error) {
 	mm.mmapLock.Lock()
 	if err := mm.checkOpen(); err != nil {
 		mm.mmapLock.Unlock()
@@ -53,8 +92,12 @@ func (mm *MM) Mmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, erro
 		}
 		defer mm.m.chk.EndDowngrade("mmap(MAP_FIXED)", mm.ID(), start, start+size, since, false)
 	}
-	mm.vmas.t.ReplaceOrInsert(&vma{start: start, end: start + size, prot: prot})
-	mm.vmas.mergeAround(start, start+size)
+	var vf rmap.VMFlags
+	if flags&MapShared != 0 {
+		vf |= rmap.VMShared
+	}
+	mm.insertVMA(mm.newVMA(start, start+size, prot, file, pgoff, vf))
+	mm.mergeAround(start, start+size)
 	if flags&MapPopulate == 0 || prot == ProtNone {
 		mm.mmapLock.Unlock()
 		return start, nil
@@ -65,16 +108,22 @@ func (mm *MM) Mmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, erro
 	if prot&ProtWrite != 0 {
 		acc = pagetable.AccessWrite
 	}
-	for va := start; va < start+size; va += PageSize {
+	mm.populateLocked(start, start+size, acc)
+	return start, nil
+}
+
+// populateLocked faults [start, end) in for acc, stopping at the first
+// failure (populate_vma_page_range). Called with mmap_lock held.
+func (mm *MM) populateLocked(start, end uint64, acc pagetable.Access) {
+	for va := start; va < end; va += PageSize {
 		if mm.exited {
-			break
+			return
 		}
 		v := mm.vmas.lookup(va)
 		if v == nil || mm.faultLocked(v, va, acc) != nil {
-			break
+			return
 		}
 	}
-	return start, nil
 }
 
 func (mm *MM) checkMmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, error) {
@@ -90,10 +139,6 @@ func (mm *MM) checkMmap(addr, length uint64, prot Prot, flags MapFlags) (uint64,
 		return fail("unknown flags", ErrInvalid)
 	case flags&mapTypeMask == 0 || flags&mapTypeMask == mapTypeMask:
 		return fail("exactly one of MAP_SHARED and MAP_PRIVATE", ErrInvalid)
-	case flags&MapShared != 0:
-		return fail("shared mappings are not supported yet", ErrInvalid)
-	case flags&MapAnonymous == 0:
-		return fail("file mappings are not supported yet", ErrInvalid)
 	case flags&(MapFixed|MapFixedNoReplace) != 0 && addr%PageSize != 0:
 		return fail("unaligned fixed address", ErrInvalid)
 	}
@@ -161,13 +206,14 @@ func checkRange(op string, addr, length uint64) (start, end uint64, err error) {
 }
 
 // unmapLocked removes [start, end): detach the VMAs, zap their pages,
-// free the tables between the neighbours, flush, free (do_vmi_munmap).
-// Called with mmap_lock held for write.
+// unlink them from the reverse maps, free the tables between the
+// neighbours, flush, free (do_vmi_munmap). Called with mmap_lock held
+// for write.
 func (mm *MM) unmapLocked(start, end uint64) error {
 	if err := mm.splitPartialHuge(start, end); err != nil {
 		return err // nothing changed yet
 	}
-	vs := mm.vmas.isolate(start, end)
+	vs := mm.isolate(start, end)
 	if len(vs) == 0 {
 		return nil
 	}
@@ -178,26 +224,31 @@ func (mm *MM) unmapLocked(start, end uint64) error {
 }
 
 // zapAndFree tears down the pages of the detached VMAs vs, which covered
-// parts of [start, end), and frees the page tables between the remaining
-// neighbours.
+// parts of [start, end), takes them out of the reverse maps, and frees
+// the page tables between the remaining neighbours.
 func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
 	r := mm.invalidateStart(start, end, notifier.EventUnmap)
 	defer mm.invalidateEnd(r)
 	g := newGather(mm)
 	var err error
 	for _, v := range vs {
-		st, zerr := g.Zap(v.start, v.end)
+		st, zerr := g.Zap(v.Start, v.End)
 		mm.rss.Add(-int64(st.Frames))
 		if zerr != nil && err == nil {
 			err = zerr
 		}
 	}
+	// free_pgtables: out of the reverse maps first, so no walker can
+	// reach a table about to be freed.
+	for _, v := range vs {
+		mm.unlinkVMA(v)
+	}
 	floor, ceiling := uint64(0), uint64(userCeiling)
 	if p := mm.vmas.prev(start); p != nil {
-		floor = p.end
+		floor = p.End
 	}
 	if n := mm.vmas.next(end); n != nil {
-		ceiling = n.start
+		ceiling = n.Start
 	}
 	nfreed := 0
 	if floor < ceiling {
@@ -212,5 +263,6 @@ func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
 		err = ferr
 	}
 	mm.unchargeTables(nfreed)
+	mm.m.swap.dropOrphans()
 	return err
 }

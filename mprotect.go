@@ -37,9 +37,9 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 	}
 	since := mm.m.chk.BeginDowngrade()
 	revoked := ProtNone
-	for _, v := range mm.vmas.isolate(start, end) {
+	for _, v := range mm.isolate(start, end) {
 		revoked |= v.prot &^ prot
-		v.prot = prot
+		v.setProt(prot)
 	}
 	if revoked != ProtNone {
 		r := mm.invalidateStart(start, end, notifier.EventProtectionVMA)
@@ -47,7 +47,7 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 		mm.m.sys.FlushRange(mm.ctx, start, end, pagetable.PageShift, false)
 		mm.invalidateEnd(r)
 	}
-	mm.vmas.mergeAround(start, end)
+	mm.mergeAround(start, end)
 	if revoked != ProtNone {
 		// Only read and write rights are tracked by the checker; taking
 		// away read (PROT_NONE) revokes every access.
@@ -197,7 +197,7 @@ func (mm *MM) lazyFree(start, end uint64) {
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
 				e := pt.Get(i)
-				if !e.IsPresent() || e&pagetable.Special != 0 || !mm.exclusive(e) {
+				if !e.IsPresent() || e&pagetable.Special != 0 || !mm.m.reusable(e) {
 					continue
 				}
 				for !pt.CompareAndSet(i, e, e.Without(pagetable.Dirty|pagetable.Accessed)) {

@@ -52,7 +52,7 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 		return 0, err
 	}
 	v := mm.vmas.lookup(oldStart)
-	if v == nil || v.end < oldEnd {
+	if v == nil || v.End < oldEnd {
 		return fail("old range is not one mapping", ErrFault)
 	}
 	oldSize := oldEnd - oldStart
@@ -67,12 +67,12 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 			}
 		}
 		return oldStart, nil
-	case flags&MremapFixed == 0 && v.end == oldEnd && oldEnd <= TaskSize-(size-oldSize) &&
+	case flags&MremapFixed == 0 && v.End == oldEnd && oldEnd <= TaskSize-(size-oldSize) &&
 		len(mm.vmas.overlapping(oldEnd, oldStart+size)) == 0:
-		mm.vmas.split(oldStart)
+		mm.splitAt(oldStart)
 		v = mm.vmas.lookup(oldStart)
-		v.end = oldStart + size
-		mm.vmas.mergeAround(oldStart, v.end)
+		mm.m.anonVMAs.Adjust(&v.VMA, v.Start, oldStart+size, v.PgOff)
+		mm.mergeAround(oldStart, v.End)
 		return oldStart, nil
 	case flags&MremapMayMove == 0:
 		return fail("cannot grow in place", ErrNoMem)
@@ -92,11 +92,24 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 			return 0, err
 		}
 	}
-	prot := v.prot
 	moved := min(oldSize, size)
+	// copy_vma: the new VMA keeps the pages' offsets and anon_vmas, so
+	// the reverse maps find them at their new addresses.
+	nv := v.dup(mm)
+	nv.Start, nv.End, nv.PgOff = dest, dest+size, v.Index(oldStart)
+	if v.anonymous() && v.AnonVMA == nil {
+		nv.PgOff = dest / PageSize
+	}
+	_ = mm.m.anonVMAs.Clone(&nv.VMA, &v.VMA) // nv is fresh: cannot fail
+	mm.insertVMA(nv)
 	r := mm.invalidateStart(oldStart, oldStart+moved, notifier.EventUnmap)
-	if err := mm.movePageTables(oldStart, dest, moved); err != nil {
+	unlock := v.LockRmap()
+	err = mm.movePageTables(oldStart, dest, moved)
+	unlock()
+	if err != nil {
 		// Nothing moved; a fixed destination stays unmapped, as in Linux.
+		mm.vmas.t.Delete(nv)
+		mm.unlinkVMA(nv)
 		mm.invalidateEnd(r)
 		mm.m.chk.EndDowngrade("mremap(move failed)", mm.ID(), dest, dest+size, since, false)
 		return 0, err
@@ -106,8 +119,7 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 	// The old range is now empty of entries: remove its VMA part and the
 	// tables nobody needs; anything past what moved is unmapped.
 	err = mm.unmapLocked(oldStart, oldEnd)
-	mm.vmas.t.ReplaceOrInsert(&vma{start: dest, end: dest + size, prot: prot})
-	mm.vmas.mergeAround(dest, dest+size)
+	mm.mergeAround(dest, dest+size)
 	mm.m.chk.EndDowngrade("mremap(move)", mm.ID(), oldStart, oldEnd, since, false)
 	if err != nil {
 		return 0, err

@@ -23,12 +23,23 @@ func (mm *MM) MmapLocked() bool { return mm.mmapLock.IsLocked() }
 func (mm *MM) Notifiers() *notifier.List { return &mm.notifiers }
 
 // rmapLocks yields the locks rmap walkers hold while they change this
-// MM's translations without mmap_lock: the i_mmap_rwsem of every mapped
-// file, then the root anon_vma lock of every anonymous VMA. Anonymous
-// private memory without fork has no rmap walkers yet, so none exist;
-// the reverse maps will yield theirs here.
+// MM's translations without mmap_lock (mm_take_all_locks): the
+// i_mmap_rwsem of every mapped file first, then the root anon_vma lock
+// of every VMA that has one. A lock met twice is yielded twice; TakeAll
+// takes each once. Called with mmap_lock held for write.
 func (mm *MM) rmapLocks() iter.Seq[*locks.RWSem] {
-	return func(func(*locks.RWSem) bool) {}
+	return func(yield func(*locks.RWSem) bool) {
+		for v := range mm.vmas.t.Ascend {
+			if v.File != nil && !yield(v.File.Sem()) {
+				return
+			}
+		}
+		for v := range mm.vmas.t.Ascend {
+			if v.AnonVMA != nil && !yield(v.AnonVMA.Sem()) {
+				return
+			}
+		}
+	}
 }
 
 // RegisterNotifier subscribes ops to the MM's invalidations
@@ -113,13 +124,13 @@ func (mm *MM) Reap() (ReapStats, error) {
 	}
 	var err error
 	mm.vmas.t.Ascend(func(v *vma) bool {
-		r := notifier.NewRange(mm, v.start, v.end, notifier.EventClear, 0)
+		r := notifier.NewRange(mm, v.Start, v.End, notifier.EventClear, 0)
 		if serr := mm.notifiers.InvalidateRangeStart(r); serr != nil {
 			st.Skipped++
 			return true
 		}
 		g := newGather(mm)
-		zs, zerr := g.Zap(v.start, v.end)
+		zs, zerr := g.Zap(v.Start, v.End)
 		mm.rss.Add(-int64(zs.Frames))
 		st.Reaped += zs.Frames
 		if ferr := g.Finish(); zerr == nil {

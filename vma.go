@@ -3,6 +3,8 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/rmap"
+
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/google/btree"
 )
@@ -58,25 +60,47 @@ func (p Prot) leafBits() pagetable.PTE {
 	return e
 }
 
-// vma is one virtual memory area (struct vm_area_struct): an
-// anonymous private mapping of [start, end) with one protection. The tree
-// and every field are protected by the MM's mmap_lock.
+// vma is one virtual memory area (struct vm_area_struct): [Start, End)
+// with one protection, anonymous or mapping a file, private or shared.
+// Its reverse-map side (range, page offset, anon_vma, file, flags) is the
+// embedded rmap.VMA. The tree and every field are protected by the MM's
+// mmap_lock; the range also by the rmap locks while it is linked (see
+// rmap.VMA), and AnonVMA, set by the first anonymous fault under
+// mmap_lock for read, by the MM's anonMu.
 type vma struct {
-	start, end uint64
-	prot       Prot
+	rmap.VMA
+	prot Prot
+	file *File // the mapped file (VMA.File is its address_space), or nil
 }
 
-func (v *vma) String() string { return fmt.Sprintf("[%#x, %#x) %v", v.start, v.end, v.prot) }
+func (v *vma) String() string { return fmt.Sprintf("[%#x, %#x) %v", v.Start, v.End, v.prot) }
 
-func vmaLess(a, b *vma) bool { return a.start < b.start }
+func vmaLess(a, b *vma) bool { return a.Start < b.Start }
+
+// shared reports whether writes reach the file (MAP_SHARED).
+func (v *vma) shared() bool { return v.Flags()&rmap.VMShared != 0 }
+
+// anonymous reports whether the VMA maps no file (private anonymous).
+func (v *vma) anonymous() bool { return v.File == nil }
 
 // VMA describes one mapping, as /proc/PID/maps would.
 type VMA struct {
 	Start, End uint64
 	Prot       Prot
+	Shared     bool   // MAP_SHARED
+	File       *File  // nil for anonymous memory (shared anonymous memory has one)
+	Offset     uint64 // byte offset into File of Start
+	Locked     bool   // mlocked
+	Mergeable  bool   // KSM may merge its pages
 }
 
-func (v VMA) String() string { return fmt.Sprintf("%012x-%012x %v", v.Start, v.End, v.Prot) }
+func (v VMA) String() string {
+	kind := "p"
+	if v.Shared {
+		kind = "s"
+	}
+	return fmt.Sprintf("%012x-%012x %v%s", v.Start, v.End, v.Prot, kind)
+}
 
 // vmaTree is the MM's ordered set of VMAs (the maple tree's job; a B-tree
 // here). Callers hold mmap_lock.
@@ -89,8 +113,8 @@ func newVMATree() vmaTree { return vmaTree{t: btree.NewG(8, vmaLess)} }
 // find returns the first VMA that ends above addr (find_vma), or nil.
 func (vt vmaTree) find(addr uint64) *vma {
 	var found *vma
-	vt.t.DescendLessOrEqual(&vma{start: addr}, func(v *vma) bool {
-		if v.end > addr {
+	vt.t.DescendLessOrEqual(&vma{VMA: rmap.VMA{Start: addr}}, func(v *vma) bool {
+		if v.End > addr {
 			found = v
 		}
 		return false
@@ -98,7 +122,7 @@ func (vt vmaTree) find(addr uint64) *vma {
 	if found != nil {
 		return found
 	}
-	vt.t.AscendGreaterOrEqual(&vma{start: addr}, func(v *vma) bool {
+	vt.t.AscendGreaterOrEqual(&vma{VMA: rmap.VMA{Start: addr}}, func(v *vma) bool {
 		found = v
 		return false
 	})
@@ -107,7 +131,7 @@ func (vt vmaTree) find(addr uint64) *vma {
 
 // lookup returns the VMA containing addr, or nil (vma_lookup).
 func (vt vmaTree) lookup(addr uint64) *vma {
-	if v := vt.find(addr); v != nil && v.start <= addr {
+	if v := vt.find(addr); v != nil && v.Start <= addr {
 		return v
 	}
 	return nil
@@ -121,7 +145,7 @@ func (vt vmaTree) overlapping(start, end uint64) []*vma {
 		return nil
 	}
 	vt.t.AscendGreaterOrEqual(first, func(v *vma) bool {
-		if v.start >= end {
+		if v.Start >= end {
 			return false
 		}
 		out = append(out, v)
@@ -133,8 +157,8 @@ func (vt vmaTree) overlapping(start, end uint64) []*vma {
 // prev and next return the neighbours of [start, end).
 func (vt vmaTree) prev(start uint64) *vma {
 	var p *vma
-	vt.t.DescendLessOrEqual(&vma{start: start - 1}, func(v *vma) bool {
-		if v.end <= start {
+	vt.t.DescendLessOrEqual(&vma{VMA: rmap.VMA{Start: start - 1}}, func(v *vma) bool {
+		if v.End <= start {
 			p = v
 		}
 		return false
@@ -147,7 +171,7 @@ func (vt vmaTree) prev(start uint64) *vma {
 
 func (vt vmaTree) next(end uint64) *vma {
 	var n *vma
-	vt.t.AscendGreaterOrEqual(&vma{start: end}, func(v *vma) bool {
+	vt.t.AscendGreaterOrEqual(&vma{VMA: rmap.VMA{Start: end}}, func(v *vma) bool {
 		n = v
 		return false
 	})
@@ -158,54 +182,12 @@ func (vt vmaTree) next(end uint64) *vma {
 func (vt vmaTree) covered(start, end uint64) bool {
 	at := start
 	for _, v := range vt.overlapping(start, end) {
-		if v.start > at {
+		if v.Start > at {
 			return false
 		}
-		at = v.end
+		at = v.End
 	}
 	return at >= end
-}
-
-// split cuts the VMA containing addr in two at addr, if addr is inside it
-// (split_vma).
-func (vt vmaTree) split(addr uint64) {
-	v := vt.lookup(addr)
-	if v == nil || v.start == addr {
-		return
-	}
-	tail := &vma{start: addr, end: v.end, prot: v.prot}
-	v.end = addr
-	vt.t.ReplaceOrInsert(tail)
-}
-
-// isolate splits VMAs so that [start, end) begins and ends on VMA
-// boundaries and returns the VMAs inside it.
-func (vt vmaTree) isolate(start, end uint64) []*vma {
-	vt.split(start)
-	vt.split(end)
-	return vt.overlapping(start, end)
-}
-
-// mergeAround merges the VMAs touching [start, end) with compatible
-// neighbours (vma_merge): same protection, adjacent.
-func (vt vmaTree) mergeAround(start, end uint64) {
-	lo := start
-	if p := vt.prev(start); p != nil {
-		lo = p.start
-	}
-	hi := end
-	if n := vt.next(end); n != nil {
-		hi = n.end
-	}
-	vs := vt.overlapping(lo, hi)
-	for i := 1; i < len(vs); i++ {
-		a, b := vs[i-1], vs[i]
-		if a.end == b.start && a.prot == b.prot {
-			vt.t.Delete(b)
-			a.end = b.end
-			vs[i] = a
-		}
-	}
 }
 
 // gap finds the highest free range of length size below top and at or
@@ -213,14 +195,14 @@ func (vt vmaTree) mergeAround(start, end uint64) {
 func (vt vmaTree) gap(size, floor, top uint64) (addr uint64, ok bool) {
 	found := false
 	vt.t.Descend(func(v *vma) bool {
-		if v.start >= top {
+		if v.Start >= top {
 			return true
 		}
-		if v.end <= top && top-v.end >= size {
+		if v.End <= top && top-v.End >= size {
 			addr, found = top-size, true
 			return false
 		}
-		top = min(top, v.start)
+		top = min(top, v.Start)
 		return top > floor
 	})
 	if found {

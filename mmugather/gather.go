@@ -37,9 +37,17 @@ type Gather struct {
 	tables      []pagetable.FreedTable
 	finished    bool
 
+	nonPresent func(pagetable.PTE) // told of each non-present entry zapped
+
 	flushes   int // TLB flushes this gather issued
 	freedPags int // frames it released
 }
+
+// OnNonPresent installs fn to be told of every non-present entry Zap
+// clears (a swap or migration entry), under the entry's PT lock: the
+// owner of swap slots drops the slot's reference there
+// (zap_nonpresent_ptes). fn must not sleep on page or rmap locks.
+func (g *Gather) OnNonPresent(fn func(pagetable.PTE)) { g.nonPresent = fn }
 
 // Start begins a gather on ctx's mm (tlb_gather_mmu). Finish must be
 // called.

@@ -42,6 +42,9 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					g.RemovePTE(pt.VA(i))
 					if !old.IsPresent() {
 						st.Other++
+						if g.nonPresent != nil {
+							g.nonPresent(old)
+						}
 						continue
 					}
 					st.Present++

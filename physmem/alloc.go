@@ -275,3 +275,18 @@ func (a *Allocator) Stats() Stats {
 		BadStates: a.badStates.Load(),
 	}
 }
+
+// Freeze takes the frame's references from exactly n to none
+// (folio_ref_freeze), so no TryGet can succeed while its owner (reclaim,
+// migration) takes it out of the page or swap cache; it fails, changing
+// nothing, if anybody else holds a reference. A frozen frame is either
+// thawed with Unfreeze or freed with FreeFrozen.
+func (a *Allocator) Freeze(f *Frame, n int32) bool {
+	return n > 0 && f.refcount.CompareAndSwap(n, 0)
+}
+
+// Unfreeze gives a frozen frame its n references back.
+func (a *Allocator) Unfreeze(f *Frame, n int32) { f.refcount.Store(n) }
+
+// FreeFrozen frees a frozen frame, as the Put of its last reference would.
+func (a *Allocator) FreeFrozen(f *Frame) error { return a.free1(f) }

@@ -93,26 +93,6 @@ type Chain struct {
 	node    itree.Node[*Chain]
 }
 
-// VMA is the reverse-map side of a vm_area_struct: its page-offset range
-// (for anonymous memory, the address it was created at, in pages, which
-// stays with the pages when the VMA moves), its anon_vma, and its chains,
-// oldest (the family root's) first. The MM embeds one in every VMA; the
-// fields are protected by the MM's mmap_lock, and the chains' tree
-// positions by their anon_vmas' family locks.
-type VMA struct {
-	Start, End uint64 // addresses, [Start, End)
-	PgOff      uint64 // page offset of Start
-	AnonVMA    *AnonVMA
-	Owner      any // the MM's VMA, for walks to get back to it
-	chains     []*Chain
-}
-
-// Chains returns the VMA's chains, oldest first.
-func (v *VMA) Chains() []*Chain { return v.chains }
-
-// lastIndex is the page offset of the VMA's last page.
-func (v *VMA) lastIndex() uint64 { return v.PgOff + (v.End-v.Start)/pageSize - 1 }
-
 const pageSize = 4096
 
 func (p *Pool) alloc() *AnonVMA {
@@ -146,6 +126,26 @@ func (p *Pool) Prepare(v *VMA) error {
 	av.Lock()
 	link(v, av)
 	av.numChildren++ // the self-parent link of a root
+	av.numActiveVMAs++
+	v.AnonVMA = av
+	av.Unlock()
+	return nil
+}
+
+// PrepareFrom gives v the anon_vma of its neighbour n if n has one and
+// was never forked (one chain), instead of a new family
+// (find_mergeable_anon_vma): the two can then merge when they meet.
+// Otherwise it is Prepare.
+func (p *Pool) PrepareFrom(v, n *VMA) error {
+	if v.AnonVMA != nil {
+		return nil
+	}
+	if n == nil || n.AnonVMA == nil || len(n.chains) != 1 || v.End <= v.Start {
+		return p.Prepare(v)
+	}
+	av := n.AnonVMA
+	av.Lock()
+	link(v, av)
 	av.numActiveVMAs++
 	v.AnonVMA = av
 	av.Unlock()
@@ -270,24 +270,6 @@ func (p *Pool) free(av *AnonVMA) {
 	}
 }
 
-// Adjust changes v's range (a VMA split, shrunk or grown): its chains are
-// re-keyed in their trees under their family locks (vma_adjust's
-// anon_vma_interval_tree_pre/post_update_vma).
-func (p *Pool) Adjust(v *VMA, start, end, pgoff uint64) {
-	for _, c := range v.chains {
-		c.AnonVMA.Lock()
-		c.AnonVMA.tree.Remove(&c.node)
-		c.AnonVMA.Unlock()
-	}
-	v.Start, v.End, v.PgOff = start, end, pgoff
-	for _, c := range v.chains {
-		c.AnonVMA.Lock()
-		c.node = itree.Node[*Chain]{Start: v.PgOff, Last: v.lastIndex(), Value: c}
-		c.AnonVMA.tree.Insert(&c.node)
-		c.AnonVMA.Unlock()
-	}
-}
-
 // VMAsAt yields every VMA whose chain in av's tree covers page offset
 // index: the VMAs that may map a page of av at that offset (the heart of
 // rmap_walk_anon). The caller holds the family lock (RLock).
@@ -301,10 +283,23 @@ func (av *AnonVMA) VMAsAt(index uint64) iter.Seq[*VMA] {
 	}
 }
 
-// Address returns where v maps page offset index, and whether it does.
-func (v *VMA) Address(index uint64) (uint64, bool) {
-	if index < v.PgOff || index > v.lastIndex() {
-		return 0, false
+// IsAnon reports true: a frame whose mapping is an anon_vma is anonymous
+// (PageAnon).
+func (av *AnonVMA) IsAnon() bool { return true }
+
+// lockFamily takes av's family lock, for read or write, or only tries
+// to when try is set; it reports whether the lock is held.
+func (av *AnonVMA) lockFamily(write, try bool) bool {
+	s := &av.root.rwsem
+	switch {
+	case write && try:
+		return s.TryLock()
+	case write:
+		s.Lock()
+	case try:
+		return s.TryRLock()
+	default:
+		s.RLock()
 	}
-	return v.Start + (index-v.PgOff)*pageSize, true
+	return true
 }

@@ -1,0 +1,263 @@
+package gomm
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/gomm-dev/gomm/locks"
+	"github.com/gomm-dev/gomm/mmugather"
+	"github.com/gomm-dev/gomm/notifier"
+	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
+)
+
+// File is a file of the machine (an inode with its address_space): its
+// pages live in the page cache, are written back to a backing store by
+// Sync, Msync and reclaim, and are read back from it on a cache miss.
+// Mapping it shared makes writes through the mapping reach the file;
+// mapping it private copies a page on its first write. Shared anonymous
+// memory is a File too, one per mapping, as with tmpfs.
+//
+// Lock order: the inode lock (reads, writes and truncation of one file)
+// before mmap_lock is never taken together with it; page locks are taken
+// under it.
+type File struct {
+	m     *Machine
+	as    *rmap.File
+	inode locks.RWSem // i_rwsem: writes and truncation exclude each other
+}
+
+// MaxFileSize bounds a File (MAX_LFS_FILESIZE of a 48-bit address
+// space is plenty for a simulation).
+const MaxFileSize = 1 << 46
+
+// NewFile creates a file of size bytes, all zeros.
+func (m *Machine) NewFile(size uint64) (*File, error) {
+	if size > MaxFileSize {
+		return nil, fmt.Errorf("gomm: file of %d bytes: %w", size, ErrInvalid)
+	}
+	f := &File{m: m, as: rmap.NewFile(m.ram, size)}
+	f.inode.Init(nil)
+	return f, nil
+}
+
+// Size returns the file's size in bytes.
+func (f *File) Size() uint64 { return f.as.Size() }
+
+// CachedPages returns how many of its pages are in the page cache.
+func (f *File) CachedPages() int { return f.as.CachedPages() }
+
+// lockedPage returns the file's page at index locked and with a
+// reference, reading it into the cache on a miss (filemap_fault's and
+// generic_perform_write's page lookup). A page past the end of the file
+// is ErrFault (SIGBUS).
+func (f *File) lockedPage(index uint64) (*physmem.Frame, error) {
+	for {
+		if index*PageSize >= f.as.Size() {
+			return nil, fmt.Errorf("gomm: page %d is past the end of the file: %w", index, ErrFault)
+		}
+		if p := f.as.Lookup(index); p != nil {
+			p.Lock()
+			if f.as.Cached(p) {
+				return p, nil
+			}
+			p.Unlock() // truncated or reclaimed meanwhile
+			_ = f.m.ram.Put(p)
+			continue
+		}
+		p, err := f.m.allocFrame()
+		if err != nil {
+			return nil, err
+		}
+		p.Lock()
+		if err := f.as.ReadPage(index, p); err != nil {
+			p.Unlock()
+			_ = f.m.ram.Put(p)
+			return nil, err
+		}
+		p.SetFlags(physmem.FlagUptodate)
+		_ = f.m.ram.Get(p) // one for the cache, one for the caller
+		if err := f.as.Add(index, p); err != nil {
+			p.Unlock()
+			_ = f.m.ram.Put(p)
+			_ = f.m.ram.Put(p)
+			continue // another got there first, or the file shrank
+		}
+		f.m.lru.add(p, false)
+		return p, nil
+	}
+}
+
+// ReadAt reads len(p) bytes from off, as io.ReaderAt does: at the end of
+// the file it returns io.EOF with what it read.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("gomm: read at %d: %w", off, ErrInvalid)
+	}
+	f.inode.RLock()
+	defer f.inode.RUnlock()
+	size := f.as.Size()
+	done := 0
+	for done < len(p) {
+		pos := uint64(off) + uint64(done)
+		if pos >= size {
+			return done, io.EOF
+		}
+		page, err := f.lockedPage(pos / PageSize)
+		if err != nil {
+			return done, err
+		}
+		n := min(len(p)-done, PageSize-int(pos%PageSize), int(size-pos))
+		_, err = page.ReadAt(p[done:done+n], int(pos%PageSize))
+		page.Unlock()
+		_ = f.m.ram.Put(page)
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// WriteAt writes p at off, growing the file if it ends past its size.
+// The pages it writes are dirty until written back.
+func (f *File) WriteAt(p []byte, off int64) (int, error) {
+	if off < 0 || uint64(off)+uint64(len(p)) > MaxFileSize {
+		return 0, fmt.Errorf("gomm: write of %d bytes at %d: %w", len(p), off, ErrInvalid)
+	}
+	f.inode.Lock()
+	defer f.inode.Unlock()
+	if end := uint64(off) + uint64(len(p)); end > f.as.Size() {
+		f.as.SetSize(end)
+	}
+	done := 0
+	for done < len(p) {
+		pos := uint64(off) + uint64(done)
+		page, err := f.lockedPage(pos / PageSize)
+		if err != nil {
+			return done, err
+		}
+		n := min(len(p)-done, PageSize-int(pos%PageSize))
+		_, err = page.WriteAt(p[done:done+n], int(pos%PageSize))
+		page.SetFlags(physmem.FlagDirty)
+		page.Unlock()
+		_ = f.m.ram.Put(page)
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// Truncate sets the file's size (truncate(2)). Shrinking unmaps the
+// pages past the new end from every process that maps them, private
+// copies included, as unmap_mapping_range does (each MM's subscribers
+// see an EventClear of the range), then drops them from the page cache;
+// a later access there through a mapping is ErrFault (SIGBUS).
+func (f *File) Truncate(size uint64) error {
+	if size > MaxFileSize {
+		return fmt.Errorf("gomm: truncate to %d: %w", size, ErrInvalid)
+	}
+	f.inode.Lock()
+	defer f.inode.Unlock()
+	old := f.as.Size()
+	f.as.SetSize(size)
+	if size >= old {
+		return nil
+	}
+	first := (size + PageSize - 1) / PageSize
+	err := f.unmapRange(first)
+	for _, idx := range f.as.Indexes(first) {
+		p := f.as.Lookup(idx)
+		if p == nil {
+			continue
+		}
+		p.Lock()
+		if f.as.Cached(p) {
+			if p.MapCount() > 0 {
+				// Faulted in between the unmap and the lock.
+				f.m.rmapEnv.TryToUnmap(p, false)
+			}
+			if f.as.Remove(p) {
+				_ = f.m.ram.Put(p) // the cache's reference
+			}
+		}
+		p.Unlock()
+		_ = f.m.ram.Put(p)
+	}
+	f.m.swap.dropOrphans()
+	return err
+}
+
+// unmapRange zaps every mapping of the file's pages from index first on
+// (unmap_mapping_range with even_cows): per VMA, an EventClear
+// invalidation and a gather of its own, under the i_mmap_rwsem, which
+// keeps the VMAs and their page tables alive.
+func (f *File) unmapRange(first uint64) error {
+	f.as.Sem().RLock()
+	defer f.as.Sem().RUnlock()
+	var err error
+	for v := range f.as.VMAsIn(first, ^uint64(0)/PageSize) {
+		mm := (*MM)(v.Space.(*space))
+		start := v.Start
+		if first > v.PgOff {
+			start = v.Start + (first-v.PgOff)*PageSize
+		}
+		since := f.m.chk.BeginDowngrade()
+		r := mm.invalidateStart(start, v.End, notifier.EventClear)
+		g := mmugather.Start(f.m.sys, f.m.ram, mm.ctx)
+		g.OnNonPresent(f.m.zapEntry)
+		st, zerr := g.Zap(start, v.End)
+		mm.rss.Add(-int64(st.Frames))
+		if ferr := g.Finish(); zerr == nil {
+			zerr = ferr
+		}
+		mm.invalidateEnd(r)
+		f.m.chk.EndDowngrade("truncate", mm.ID(), start, v.End, since, false)
+		if zerr != nil && err == nil {
+			err = zerr
+		}
+	}
+	return err
+}
+
+// Sync writes every dirty page back (fsync): each is first cleaned in
+// every shared mapping (folio_mkclean: write-protected and flushed, so a
+// write during writeback faults and dirties it again), then written.
+// It returns how many pages it wrote.
+func (f *File) Sync() (int, error) {
+	return f.syncRange(0, ^uint64(0))
+}
+
+func (f *File) syncRange(first, last uint64) (int, error) {
+	n := 0
+	for _, idx := range f.as.Indexes(first) {
+		if idx > last {
+			break
+		}
+		p := f.as.Lookup(idx)
+		if p == nil {
+			continue
+		}
+		p.Lock()
+		if f.as.Cached(p) {
+			dirty := f.m.rmapEnv.Mkclean(p)
+			if p.TestAndClearFlag(physmem.FlagDirty) || dirty {
+				p.SetFlags(physmem.FlagWriteback)
+				err := f.as.WritePage(p)
+				p.ClearFlags(physmem.FlagWriteback)
+				if err != nil {
+					p.SetFlags(physmem.FlagDirty)
+					p.Unlock()
+					_ = f.m.ram.Put(p)
+					return n, err
+				}
+				n++
+			}
+		}
+		p.Unlock()
+		_ = f.m.ram.Put(p)
+	}
+	return n, nil
+}

@@ -1,0 +1,122 @@
+package gomm
+
+import (
+	"sync"
+
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// lru is the machine's page LRU (struct lruvec, one node, anonymous and
+// file pages together): an active and an inactive list, linked through
+// arrays indexed by frame number so that adding, removing and rotating
+// allocate nothing. A frame is on at most one list; its LRU flag says
+// so. The lists hold no references: a frame leaves its list when it is
+// freed (the allocator's free hook), and reclaim takes a reference
+// before it looks at one.
+type lru struct {
+	mu   sync.Mutex
+	next []uint32 // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
+	prev []uint32 // protected by mu
+	on   []uint8  // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
+	head [3]uint32
+	tail [3]uint32
+	n    [3]int
+}
+
+const (
+	lruNone uint8 = iota
+	lruInactive
+	lruActive
+)
+
+func newLRU(frames int) *lru {
+	return &lru{next: make([]uint32, frames), prev: make([]uint32, frames), on: make([]uint8, frames)}
+}
+
+// add puts f at the head of a list, if it is on none (folio_add_lru).
+func (l *lru) add(f *physmem.Frame, active bool) {
+	which := lruInactive
+	if active {
+		which = lruActive
+	}
+	pfn := uint32(f.PFN())
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.on[pfn] != lruNone {
+		return
+	}
+	l.pushLocked(pfn, which)
+	f.SetFlags(physmem.FlagLRU)
+	if active {
+		f.SetFlags(physmem.FlagActive)
+	}
+}
+
+func (l *lru) pushLocked(pfn uint32, which uint8) {
+	l.on[pfn] = which
+	l.prev[pfn] = 0
+	l.next[pfn] = l.head[which]
+	if h := l.head[which]; h != 0 {
+		l.prev[h-1] = pfn + 1
+	} else {
+		l.tail[which] = pfn + 1
+	}
+	l.head[which] = pfn + 1
+	l.n[which]++
+}
+
+func (l *lru) unlinkLocked(pfn uint32) {
+	which := l.on[pfn]
+	if which == lruNone {
+		return
+	}
+	p, n := l.prev[pfn], l.next[pfn]
+	if p != 0 {
+		l.next[p-1] = n
+	} else {
+		l.head[which] = n
+	}
+	if n != 0 {
+		l.prev[n-1] = p
+	} else {
+		l.tail[which] = p
+	}
+	l.on[pfn] = lruNone
+	l.n[which]--
+}
+
+// del takes f off its list (folio_isolate_lru without the reference, or
+// the free path's removal).
+func (l *lru) del(f *physmem.Frame) {
+	pfn := uint32(f.PFN())
+	l.mu.Lock()
+	l.unlinkLocked(pfn)
+	l.mu.Unlock()
+	f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
+}
+
+// isolateTail takes the frame at the tail of the inactive list off it,
+// refilling the inactive list from the active one's tail when empty
+// (shrink_active_list's deactivation). pfn+1, or 0 when both are empty.
+func (l *lru) isolateTail() uint32 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.tail[lruInactive] == 0 {
+		t := l.tail[lruActive]
+		if t == 0 {
+			return 0
+		}
+		l.unlinkLocked(t - 1)
+		return t
+	}
+	t := l.tail[lruInactive]
+	l.unlinkLocked(t - 1)
+	return t
+}
+
+// lens returns the lists' lengths.
+func (l *lru) lens() (inactive, active int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n[lruInactive], l.n[lruActive]
+}

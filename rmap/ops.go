@@ -1,0 +1,277 @@
+package rmap
+
+import (
+	"github.com/gomm-dev/gomm/internal/check"
+	"github.com/gomm-dev/gomm/notifier"
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/tlb"
+)
+
+// Env is the machine the reverse-map operations act in: its RAM, its
+// CPUs' flush machinery, its swap slots and, when on, the checker.
+type Env struct {
+	RAM   *physmem.Allocator
+	TLB   *tlb.System
+	Swap  SwapRefs
+	Check *check.Checker // nil when off
+}
+
+// SwapRefs counts the references to swap slots (swap_duplicate): each
+// page-table entry that names a slot holds one.
+type SwapRefs interface {
+	Dup(slot uint64) error
+}
+
+// mappedAt locks the PTE table of addr in v's space and returns it with
+// the entry's index if that entry maps p; ok is false (nothing locked)
+// otherwise.
+func mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i int, e pagetable.PTE, ok bool) {
+	pt, ok, err := v.Space.Table().LockPTE(addr)
+	if err != nil || !ok {
+		return pt, 0, 0, false
+	}
+	i = pt.Index(addr)
+	e = pt.Get(i)
+	if !e.IsPresent() || e.PFN() != uint64(p.PFN()) {
+		pt.Unlock()
+		return pt, 0, 0, false
+	}
+	return pt, i, e, true
+}
+
+// startRange opens a blockable invalidation of one page of v's space.
+func startRange(v *VMA, addr uint64, ev notifier.Event, owner any) *notifier.Range {
+	l := v.Space.Notifiers()
+	if !l.HasSubscribers() {
+		return nil
+	}
+	r := notifier.NewRange(v.Space, addr, addr+pageSize, ev, notifier.Blockable)
+	r.Owner = owner
+	_ = l.InvalidateRangeStart(r) // a blockable start is never refused
+	return r
+}
+
+func endRange(v *VMA, r *notifier.Range) {
+	if r != nil {
+		v.Space.Notifiers().InvalidateRangeEnd(r)
+	}
+}
+
+// clearFlush clears entry i of the locked table and flushes it from every
+// CPU and, through the space's hook, every secondary TLB
+// (ptep_clear_flush): once it returns nobody translates addr to the old
+// frame.
+func (env *Env) clearFlush(v *VMA, pt pagetable.PTETable, i int, addr uint64) pagetable.PTE {
+	old := pt.GetAndClear(i)
+	env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
+	return old
+}
+
+// UnmapResult says how TryToUnmap ended.
+type UnmapResult struct {
+	Unmapped  int  // entries removed
+	Mlocked   bool // a VM_LOCKED mapping keeps the frame; it is now marked mlocked
+	Redirtied bool // a lazily freed page was written again: it stays
+	Contended bool // a TryLock walk gave up on a lock
+}
+
+// TryToUnmap removes every mapping of p (try_to_unmap), one entry at a
+// time: an EventClear invalidation of the page, then clear and flush
+// under the PT lock, and only then the replacement: a swap entry naming
+// p's swap slot for anonymous memory (p must be in the swap cache), or
+// nothing for a page-cache page or a clean lazily freed page
+// (MADV_FREE), which is discarded. A dirty bit moves to the frame. Each
+// removed entry drops its map count and its reference. The caller holds
+// p's page lock and a reference; p is unmapped if its map count is then
+// zero.
+func (env *Env) TryToUnmap(p *physmem.Frame, tryLock bool) UnmapResult {
+	var res UnmapResult
+	anon := p.Has(physmem.FlagAnon)
+	c := &Control{
+		TryLock: tryLock,
+		Done:    func() bool { return p.MapCount() <= 0 },
+		Visit: func(v *VMA, addr uint64) bool {
+			if v.Flags()&VMLocked != 0 {
+				res.Mlocked = true
+				p.SetFlags(physmem.FlagMlocked)
+				return false
+			}
+			r := startRange(v, addr, notifier.EventClear, nil)
+			defer endRange(v, r)
+			pt, i, _, ok := mappedAt(v, addr, p)
+			if !ok {
+				return true
+			}
+			defer pt.Unlock()
+			old := env.clearFlush(v, pt, i, addr)
+			var repl pagetable.PTE
+			switch {
+			case anon && !p.Has(physmem.FlagSwapBacked):
+				// Lazily freed: discard, unless written since.
+				if old.IsDirty() || p.Has(physmem.FlagDirty) {
+					pt.Set(i, old)
+					p.SetFlags(physmem.FlagSwapBacked)
+					res.Redirtied = true
+					return false
+				}
+			case anon:
+				slot := p.Private()
+				var err error
+				if repl, err = pagetable.NewSwapPTE(pagetable.SwapEntry{Offset: slot}, 0); err == nil && p.Has(physmem.FlagSwapCache) {
+					err = env.Swap.Dup(slot)
+				}
+				if err != nil || !p.Has(physmem.FlagSwapCache) {
+					pt.Set(i, old)
+					return false
+				}
+			}
+			if old.IsDirty() {
+				p.SetFlags(physmem.FlagDirty)
+			}
+			pt.Set(i, repl)
+			p.DecMapCount()
+			v.Space.Unmapped(p)
+			_ = env.RAM.Put(p) // the caller's reference keeps it
+			res.Unmapped++
+			return true
+		},
+	}
+	res.Contended = Walk(p, c)
+	return res
+}
+
+// Mkclean write-protects and cleans every shared mapping of p
+// (folio_mkclean), so the next write faults and dirties the page again
+// before writeback can miss it: per entry an EventProtectionPage
+// invalidation, then clear, flush and set the clean read-only entry. It
+// returns whether any entry was dirty. The caller holds p's page lock.
+func (env *Env) Mkclean(p *physmem.Frame) (dirty bool) {
+	c := &Control{Visit: func(v *VMA, addr uint64) bool {
+		if v.Flags()&VMShared == 0 {
+			return true
+		}
+		r := startRange(v, addr, notifier.EventProtectionPage, nil)
+		defer endRange(v, r)
+		pt, i, e, ok := mappedAt(v, addr, p)
+		if !ok {
+			return true
+		}
+		if !e.IsWritable() && !e.IsDirty() {
+			pt.Unlock()
+			return true
+		}
+		since := env.Check.BeginDowngrade()
+		old := env.clearFlush(v, pt, i, addr)
+		dirty = dirty || old.IsDirty()
+		pt.Set(i, old.Without(pagetable.Write|pagetable.Dirty))
+		pt.Unlock()
+		env.Check.EndDowngrade("page_mkclean", v.Space.ID(), addr, addr+pageSize, since, true)
+		return true
+	}}
+	Walk(p, c)
+	return dirty
+}
+
+// Referenced reports how many mappings of p were accessed since the last
+// look, clearing their accessed bits (folio_referenced): a young entry is
+// cleared and flushed, so the next access sets it again, and each
+// secondary MMU's ClearFlushYoung is ORed in. mlocked is true if a
+// VM_LOCKED mapping maps it. The caller holds p's page lock.
+func (env *Env) Referenced(p *physmem.Frame, tryLock bool) (refs int, mlocked, contended bool) {
+	c := &Control{TryLock: tryLock, Visit: func(v *VMA, addr uint64) bool {
+		if v.Flags()&VMLocked != 0 {
+			mlocked = true
+			return false
+		}
+		young := false
+		if pt, i, _, ok := mappedAt(v, addr, p); ok {
+			if pt.TestAndClearYoung(i) {
+				young = true
+				env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
+			}
+			pt.Unlock()
+		} else {
+			return true // not mapped here: secondary MMUs mirror only what is
+		}
+		if v.Space.Notifiers().ClearFlushYoung(addr, addr+pageSize) {
+			young = true
+		}
+		if young {
+			refs++
+		}
+		return true
+	}}
+	contended = Walk(p, c)
+	return refs, mlocked, contended
+}
+
+// TryToMigrate replaces every mapping of p with a migration entry
+// (try_to_migrate): an EventMigrate invalidation carrying owner (so a
+// device can tell its own migrations), clear, flush, and the entry that
+// remembers whether the mapping was writable. Faults on it wait for the
+// migration to finish. The caller holds p's page lock; it reports how
+// many entries it replaced.
+func (env *Env) TryToMigrate(p *physmem.Frame, owner any) int {
+	n := 0
+	c := &Control{
+		Done: func() bool { return p.MapCount() <= 0 },
+		Visit: func(v *VMA, addr uint64) bool {
+			r := startRange(v, addr, notifier.EventMigrate, owner)
+			defer endRange(v, r)
+			pt, i, _, ok := mappedAt(v, addr, p)
+			if !ok {
+				return true
+			}
+			old := env.clearFlush(v, pt, i, addr)
+			if old.IsDirty() {
+				p.SetFlags(physmem.FlagDirty)
+			}
+			pt.Set(i, pagetable.NewMigrationPTE(uint64(p.PFN()), old.IsWritable()))
+			pt.Unlock()
+			p.DecMapCount()
+			_ = env.RAM.Put(p)
+			n++
+			return true
+		},
+	}
+	Walk(p, c)
+	return n
+}
+
+// RemoveMigrationEntries points every migration entry for old at dst
+// (remove_migration_ptes): dst has taken over old's mapping and
+// contents, and both are locked. Each entry becomes a present, young
+// mapping of dst with the VMA's protection, writable if the original
+// was and the VMA still allows it; each takes a map count and a
+// reference on dst. It returns how many it restored.
+func (env *Env) RemoveMigrationEntries(old, dst *physmem.Frame) int {
+	n := 0
+	want := uint64(old.PFN())
+	c := &Control{Visit: func(v *VMA, addr uint64) bool {
+		pt, ok, err := v.Space.Table().LockPTE(addr)
+		if err != nil || !ok {
+			return true
+		}
+		defer pt.Unlock()
+		i := pt.Index(addr)
+		e := pt.Get(i)
+		s, isSwap := e.Swap()
+		if !isSwap || !e.IsMigration() || s.Offset != want {
+			return true
+		}
+		ne := pagetable.NewPTE(uint64(dst.PFN()), v.PageProt()|pagetable.Accessed)
+		if s.Type == pagetable.SwapMigrationWrite && v.Flags()&VMWrite != 0 {
+			ne |= pagetable.Write | pagetable.Dirty
+		}
+		if err := env.RAM.Get(dst); err != nil {
+			return false
+		}
+		dst.IncMapCount()
+		pt.Set(i, ne)
+		n++
+		return true
+	}}
+	Walk(dst, c)
+	return n
+}

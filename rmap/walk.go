@@ -1,0 +1,110 @@
+package rmap
+
+import (
+	"math"
+
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// Control steers a reverse-map walk (struct rmap_walk_control).
+type Control struct {
+	// Visit is called for each VMA that may map the frame, with the
+	// address the frame would have there; the callback checks the entry
+	// itself (page_vma_mapped_walk). Returning false stops the walk.
+	Visit func(v *VMA, addr uint64) bool
+	// Done, if set, is asked before each VMA; true stops the walk (the
+	// kernel's done hook: a frame no longer mapped needs no more work).
+	Done func() bool
+	// TryLock makes the walk give up rather than sleep on a contended
+	// i_mmap_rwsem or anon_vma lock (reclaim's trylock mode); Walk then
+	// reports contended.
+	TryLock bool
+}
+
+// Walk visits every mapping of p (rmap_walk): through its anon_vma's
+// tree for anonymous memory, the file's i_mmap tree for page cache, or
+// the stable node's list for a KSM page. The caller holds p's page lock,
+// which keeps its mapping from changing. It reports whether a TryLock
+// walk gave up on a lock; a frame with no mapping is walked trivially.
+func Walk(p *physmem.Frame, c *Control) (contended bool) {
+	m, index := p.Mapping()
+	switch m := m.(type) {
+	case *AnonVMA:
+		return walkAnon(m, index, c, nil, 0)
+	case *File:
+		return walkFile(m, index, c)
+	case *StableNode:
+		for _, it := range m.items {
+			if contended = walkAnon(it.AnonVMA, 0, c, it.Space, it.Addr); contended {
+				return true
+			}
+			if c.Done != nil && c.Done() {
+				return false
+			}
+		}
+	}
+	return false
+}
+
+// walkAnon visits the VMAs of av's tree that cover index or, for a KSM
+// item (space non-nil), the VMAs that cover addr.
+func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64) bool {
+	if av == nil {
+		return false
+	}
+	if !av.lockFamily(false, c.TryLock) {
+		return true
+	}
+	defer av.root.rwsem.RUnlock()
+	first, last := index, index
+	if space != nil {
+		first, last = 0, math.MaxUint64
+	}
+	for n := range av.tree.Overlapping(first, last) {
+		v := n.Value.VMA
+		a := addr
+		if space == nil {
+			var ok bool
+			if a, ok = v.Address(index); !ok {
+				continue
+			}
+		} else if addr < v.Start || addr >= v.End {
+			// Not this item's place. Any VMA of the family that covers
+			// the address may map the page: its own space's, or a fork
+			// child's (rmap_walk_ksm's search_new_forks).
+			continue
+		}
+		if c.Done != nil && c.Done() {
+			return false
+		}
+		if !c.Visit(v, a) {
+			return false
+		}
+	}
+	return false
+}
+
+func walkFile(f *File, index uint64, c *Control) bool {
+	if c.TryLock {
+		if !f.immap.TryRLock() {
+			return true
+		}
+	} else {
+		f.immap.RLock()
+	}
+	defer f.immap.RUnlock()
+	for n := range f.tree.Overlapping(index, index) {
+		v := n.Value
+		a, ok := v.Address(index)
+		if !ok {
+			continue
+		}
+		if c.Done != nil && c.Done() {
+			return false
+		}
+		if !c.Visit(v, a) {
+			return false
+		}
+	}
+	return false
+}

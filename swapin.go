@@ -1,0 +1,97 @@
+package gomm
+
+import (
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+)
+
+// swapIn brings the page named by the swap entry e back at page of v
+// (do_swap_page): from the swap cache if it is still there, else into a
+// new frame added to the swap cache and read from the slot. The entry
+// gives up its slot reference; when it was the last, the page leaves
+// the swap cache and a write fault maps it writable at once, else it is
+// mapped read-only and a write copies it.
+func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bool, err error) {
+	s, _ := e.Swap()
+	if s.Type != 0 || mm.m.swap == nil {
+		return false, errBadSwap(page, e)
+	}
+	slot := s.Offset
+	f := mm.m.swap.lookup(slot)
+	if f == nil {
+		nf, err := mm.m.allocFrame()
+		if err != nil {
+			return false, err
+		}
+		nf.Lock()
+		if !mm.m.swap.insert(slot, nf) {
+			nf.Unlock()
+			_ = mm.m.ram.Put(nf)
+			return true, nil // another swap-in won, or the entry is gone
+		}
+		if err := mm.m.swap.read(slot, nf); err != nil {
+			mm.m.swap.remove(nf)
+			nf.Unlock()
+			_ = mm.m.ram.Put(nf)
+			return false, err
+		}
+		nf.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
+		mm.m.lru.add(nf, true)
+		f = nf
+	} else {
+		f.Lock()
+		if !mm.m.swap.cached(f) || f.Private() != slot {
+			f.Unlock()
+			_ = mm.m.ram.Put(f)
+			return true, nil
+		}
+	}
+	defer f.Unlock()
+	if m, _ := f.Mapping(); m == nil {
+		// A page others may map too goes to the family's root, which
+		// every VMA of the family is linked to (__folio_set_anon).
+		av := mm.anonVMA(v)
+		if mm.m.swap.entries(slot) > 1 {
+			av = av.Root()
+		}
+		f.SetMapping(av, v.Index(page))
+	}
+	pt, err := mm.table.AllocLockPTE(page)
+	if err != nil {
+		_ = mm.m.ram.Put(f)
+		return false, err
+	}
+	i := pt.Index(page)
+	if pt.Get(i) != e {
+		pt.Unlock()
+		_ = mm.m.ram.Put(f)
+		return true, nil
+	}
+	ne := pagetable.NewPTE(uint64(f.PFN()), v.prot.leafBits()|pagetable.Accessed)
+	mm.m.swap.putEntry(slot)
+	if mm.m.swap.entries(slot) == 0 {
+		mm.m.swap.remove(f) // nobody will look for it there any more
+		if write && f.MapCount() == 0 && !f.Has(physmem.FlagKSM) {
+			ne |= pagetable.Write | pagetable.Dirty
+		}
+	}
+	f.IncMapCount() // our reference becomes the entry's
+	pt.Set(i, ne)
+	pt.Unlock()
+	mm.rss.Add(1)
+	return false, nil
+}
+
+// waitMigration waits for the migration a migration entry stands for to
+// finish (migration_entry_wait): the old frame stays locked until then.
+func (m *Machine) waitMigration(e pagetable.PTE) {
+	s, _ := e.Swap()
+	f, err := m.ram.Frame(physmem.PFN(s.Offset))
+	if err != nil || !m.ram.TryGet(f) {
+		return
+	}
+	//lint:ignore SA2001 taking the page lock is the wait (folio_wait_locked)
+	f.Lock()
+	f.Unlock()
+	_ = m.ram.Put(f)
+}
