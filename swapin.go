@@ -90,8 +90,8 @@ func (m *Machine) waitMigration(e pagetable.PTE) {
 	if err != nil || !m.ram.TryGet(f) {
 		return
 	}
-	//lint:ignore SA2001 taking the page lock is the wait (folio_wait_locked)
 	f.Lock()
+	//lint:ignore SA2001 taking the page lock is the wait (folio_wait_locked)
 	f.Unlock()
 	_ = m.ram.Put(f)
 }
