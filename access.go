@@ -39,6 +39,7 @@ func (mm *MM) access(p []byte, va uint64, acc pagetable.Access) (int, error) {
 		n := min(len(p)-done, PageSize-off)
 		if acc&pagetable.AccessWrite != 0 {
 			_, err = f.WriteAt(p[done:done+n], off)
+			f.SetFlags(physmem.FlagDirty) // set_page_dirty_lock: the entry's bit is not set
 		} else {
 			_, err = f.ReadAt(p[done:done+n], off)
 		}

@@ -1,0 +1,126 @@
+package gomm
+
+import (
+	"fmt"
+
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
+)
+
+// Mlock locks [addr, addr+length) into memory (mlock(2)): the VMAs are
+// marked VM_LOCKED and every page is faulted in (writable private
+// mappings with a write fault, so no later copy is needed); reclaim
+// leaves their frames alone. The whole range must be mapped (else
+// ErrNoMem and nothing changes). A page that cannot be faulted in ends
+// it with that error, the VMAs staying locked, as in Linux.
+func (mm *MM) Mlock(addr, length uint64) error {
+	return mm.setLocked("mlock", addr, length, true)
+}
+
+// Munlock undoes Mlock for [addr, addr+length) (munlock(2)); its frames
+// go back on the LRU. A frame another locked mapping still maps is found
+// again by reclaim's reverse-map walk and set aside once more.
+func (mm *MM) Munlock(addr, length uint64) error {
+	return mm.setLocked("munlock", addr, length, false)
+}
+
+func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
+	start, end, err := checkRange(op, addr, length)
+	if err != nil {
+		return err
+	}
+	mm.mmapLock.Lock()
+	if err := mm.checkOpen(); err != nil {
+		mm.mmapLock.Unlock()
+		return err
+	}
+	if !mm.vmas.covered(start, end) {
+		mm.mmapLock.Unlock()
+		return fmt.Errorf("gomm: %s [%#x, %#x): not all mapped: %w", op, start, end, ErrNoMem)
+	}
+	for _, v := range mm.isolate(start, end) {
+		if lock {
+			v.SetFlags(rmap.VMLocked)
+		} else {
+			v.ClearFlags(rmap.VMLocked)
+		}
+	}
+	mm.mergeAround(start, end)
+	mm.mmapLock.DowngradeWrite()
+	defer mm.mmapLock.RUnlock()
+	if lock {
+		for va := start; va < end; va += PageSize {
+			v := mm.vmas.lookup(va)
+			if v.prot == ProtNone {
+				continue
+			}
+			acc := pagetable.AccessRead
+			if v.prot&ProtWrite != 0 && !v.shared() {
+				acc = pagetable.AccessWrite
+			}
+			if err := mm.faultLocked(v, va, acc); err != nil {
+				return err
+			}
+		}
+	}
+	mm.markLocked(start, end, lock)
+	return nil
+}
+
+// markLocked sets or clears the mlocked flag of the frames mapped in
+// [start, end) (mlock_folio / munlock_folio), taking them off the LRU or
+// putting them back.
+func (mm *MM) markLocked(start, end uint64, lock bool) {
+	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				e := pt.Get(i)
+				if !e.IsPresent() || e&pagetable.Special != 0 {
+					continue
+				}
+				f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+				if err != nil {
+					continue
+				}
+				if lock {
+					f.SetFlags(physmem.FlagMlocked)
+					mm.m.lru.del(f)
+				} else if f.TestAndClearFlag(physmem.FlagMlocked) {
+					mm.m.lru.add(f, false)
+				}
+			}
+			return true
+		},
+	})
+}
+
+// Mapper is one place a frame is mapped.
+type Mapper struct {
+	MM   *MM
+	Addr uint64
+}
+
+// Mappers returns every place the frame pfn is mapped, found through its
+// reverse map (an rmap walk that checks each candidate entry), in no
+// particular order.
+func (m *Machine) Mappers(pfn uint64) ([]Mapper, error) {
+	f, err := m.ram.Frame(physmem.PFN(pfn))
+	if err != nil {
+		return nil, err
+	}
+	if !m.ram.TryGet(f) {
+		return nil, nil
+	}
+	defer func() { _ = m.ram.Put(f) }()
+	var out []Mapper
+	f.Lock()
+	defer f.Unlock()
+	rmap.Walk(f, &rmap.Control{Visit: func(v *rmap.VMA, addr uint64) bool {
+		if e, _ := v.Space.Table().Lookup(addr); e.IsPresent() && e.PFN() == pfn {
+			out = append(out, Mapper{MM: (*MM)(v.Space.(*space)), Addr: addr})
+		}
+		return true
+	}})
+	return out, nil
+}
