@@ -254,3 +254,19 @@ func (m *Machine) zapEntry(e pagetable.PTE) {
 		m.swap.putEntry(s.Offset)
 	}
 }
+
+// replace puts dst in the locked frame old's place in the swap cache (a
+// migration's folio_migrate_mapping); the caller gives dst the cache's
+// reference.
+func (d *swapDevice) replace(old, dst *physmem.Frame) bool {
+	slot := old.Private()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cache[slot] != old {
+		return false
+	}
+	d.cache[slot] = dst
+	dst.SetPrivate(slot)
+	dst.SetFlags(physmem.FlagSwapCache)
+	return true
+}

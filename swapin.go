@@ -86,12 +86,7 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 // finish (migration_entry_wait): the old frame stays locked until then.
 func (m *Machine) waitMigration(e pagetable.PTE) {
 	s, _ := e.Swap()
-	f, err := m.ram.Frame(physmem.PFN(s.Offset))
-	if err != nil || !m.ram.TryGet(f) {
-		return
+	if f, err := m.ram.Frame(physmem.PFN(s.Offset)); err == nil {
+		f.WaitUnlocked()
 	}
-	f.Lock()
-	//lint:ignore SA2001 taking the page lock is the wait (folio_wait_locked)
-	f.Unlock()
-	_ = m.ram.Put(f)
 }

@@ -236,6 +236,26 @@ func (f *Frame) Unlock() {
 	q.mu.Unlock()
 }
 
+// WaitUnlocked sleeps until the page lock is free, without taking it
+// (folio_wait_locked): how a fault on a migration entry waits for the
+// migration, holding no reference the migration would have to wait out.
+// The frame may be freed meanwhile; that only wakes the waiter.
+func (f *Frame) WaitUnlocked() {
+	if !f.IsLocked() {
+		return
+	}
+	q := waitQueueOf(f)
+	q.mu.Lock()
+	for {
+		f.flags.Or(uint32(flagWaiters))
+		if !f.IsLocked() {
+			break
+		}
+		q.cond.Wait()
+	}
+	q.mu.Unlock()
+}
+
 // IsLocked reports whether the page lock is held.
 func (f *Frame) IsLocked() bool { return Flags(f.flags.Load())&flagLocked != 0 }
 

@@ -230,3 +230,19 @@ func (f *File) WritePage(p *physmem.Frame) error {
 	}
 	return nil
 }
+
+// Replace puts dst in old's place in the cache (a migration's
+// folio_migrate_mapping): dst takes old's index and the cache's
+// reference moves to it, which the caller provides. Both are locked;
+// it reports false if old was not cached.
+func (f *File) Replace(old, dst *physmem.Frame) bool {
+	_, idx := old.Mapping()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pages[idx] != old {
+		return false
+	}
+	f.pages[idx] = dst
+	dst.SetMapping(f, idx)
+	return true
+}
