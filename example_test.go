@@ -55,3 +55,41 @@ func ExampleMM_Mprotect() {
 	fmt.Println(err != nil, m.Stats().TLB.IPIs)
 	// Output: true 2
 }
+
+// A shared file mapping: a CPU's store reaches the file, Sync writes it
+// back (write-protecting the mapping first), and truncation unmaps it.
+func ExampleMachine_NewFile() {
+	m, _ := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 1024, Check: true})
+	f, _ := m.NewFile(4 * gomm.PageSize)
+	mm := m.NewMM()
+	va, _ := mm.MmapFile(0, 4*gomm.PageSize, gomm.ProtRead|gomm.ProtWrite, gomm.MapShared, f, 0)
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("main"))
+	_ = cpu.Store8(va+gomm.PageSize, 'x')
+	buf := make([]byte, 1)
+	_, _ = f.ReadAt(buf, gomm.PageSize)
+	written, _ := f.Sync()
+	_ = f.Truncate(0)
+	_, err := cpu.Load8(va + gomm.PageSize)
+	fmt.Println(string(buf), written, err != nil)
+	cpu.Switch(tlb.NewKernelThread("idle"))
+	_ = mm.Exit()
+	// Output: x 1 true
+}
+
+// Memory pressure: an address space four times the size of RAM, kept in
+// swap by the reclaim that allocation runs when RAM is full.
+func ExampleMachine_Reclaim() {
+	m, _ := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, SwapSlots: 1024})
+	mm := m.NewMM()
+	addr, _ := mm.Mmap(0, 1024*gomm.PageSize, gomm.ProtRead|gomm.ProtWrite, gomm.MapPrivate|gomm.MapAnonymous)
+	for i := range uint64(1000) {
+		_, _ = mm.WriteAt([]byte{byte(i)}, addr+i*gomm.PageSize)
+	}
+	buf := make([]byte, 1)
+	_, _ = mm.ReadAt(buf, addr+7*gomm.PageSize)
+	st := m.Stats()
+	fmt.Println(buf[0], st.Reclaim.SwappedOut > 700, mm.RSS() < 256)
+	_ = mm.Exit()
+	// Output: 7 true true
+}
