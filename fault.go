@@ -98,7 +98,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return nil
 		default:
 			pt.Unlock()
-			retry, err = mm.copyOnWrite(v, page, e)
+			retry, err = mm.copyOnWrite(v, page, e, true)
 		}
 		if err != nil || !retry {
 			return err
@@ -166,7 +166,10 @@ func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Fram
 // a frame shared with another mapping) (wp_page_copy): the old entry is
 // cleared and flushed from every TLB before the new one is installed,
 // and only then is the old frame's reference dropped.
-func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, err error) {
+//
+// writable false makes the copy read-only (FAULT_FLAG_UNSHARE: KSM's
+// unmerge of a read-only mapping).
+func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool) (retry bool, err error) {
 	src, err := mm.m.ram.Frame(physmem.PFN(old.PFN()))
 	if err != nil {
 		return false, err
@@ -201,7 +204,11 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	pt.GetAndClear(i)
 	mm.m.sys.FlushRange(mm.ctx, page, page+PageSize, pagetable.PageShift, false)
 	f.IncMapCount()
-	pt.Set(i, anonPTE(v, f))
+	ne := anonPTE(v, f)
+	if !writable {
+		ne = ne.Without(pagetable.Write | pagetable.Dirty)
+	}
+	pt.Set(i, ne)
 	pt.Unlock()
 	mm.rss.Add(1)
 	mm.m.lru.add(f, true)

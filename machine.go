@@ -62,6 +62,7 @@ type Machine struct {
 	swap      *swapDevice // nil without swap
 	lru       *lru
 	reclaimed reclaimCounters
+	ksm       *ksm
 }
 
 // NewMachine builds a machine.
@@ -82,7 +83,7 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if cfg.SwapSlots < 0 || cfg.SwapSlots > pagetable.MaxSwapOffset {
 		return nil, fmt.Errorf("gomm: %d swap slots: %w", cfg.SwapSlots, ErrInvalid)
 	}
-	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(cfg.Frames)}
+	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(cfg.Frames), ksm: newKSM()}
 	if cfg.SwapSlots > 0 {
 		m.swap = newSwapDevice(ram, cfg.SwapSlots)
 	}

@@ -21,8 +21,8 @@ const migrateFlags = physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagDir
 // contents and the page-cache or swap-cache slot move, and the
 // migration entries are replaced with entries for the new frame. A fault
 // on a migration entry waits for this to finish. It returns the new
-// frame. A frame nobody maps, or that somebody else holds a reference
-// to throughout, is ErrBusy, and stays where it was.
+// frame. A frame nobody maps, a KSM page, or a frame somebody else holds
+// a reference to throughout is ErrBusy, and stays where it was.
 func (m *Machine) Migrate(pfn uint64, owner any) (uint64, error) {
 	f, err := m.ram.Frame(physmem.PFN(pfn))
 	if err != nil {
@@ -50,7 +50,7 @@ func (m *Machine) migrate(f *physmem.Frame, owner any) (*physmem.Frame, error) {
 	mapping, _ := f.Mapping()
 	file, isFile := mapping.(*rmap.File)
 	inSwap := m.swap.cached(f)
-	if mapping == nil || f.MapCount() == 0 || (isFile && !file.Cached(f)) {
+	if mapping == nil || f.MapCount() == 0 || (isFile && !file.Cached(f)) || f.Has(physmem.FlagKSM) {
 		f.Unlock()
 		_ = m.ram.Put(dst)
 		_ = m.ram.Put(f)

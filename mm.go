@@ -154,6 +154,7 @@ func (mm *MM) exitMmap() error {
 	mm.mmapLock.Lock()
 	mm.exited = true
 	mm.mmapLock.Unlock()
+	mm.m.ksm.exit(mm)
 	mm.notifiers.Release()
 	mm.mmapLock.Lock()
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)

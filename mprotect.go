@@ -125,12 +125,14 @@ type Advice int
 
 // Advice.
 const (
-	MadvNormal     Advice = 0
-	MadvRandom     Advice = 1
-	MadvSequential Advice = 2
-	MadvWillNeed   Advice = 3
-	MadvDontNeed   Advice = 4
-	MadvFree       Advice = 8
+	MadvNormal      Advice = 0
+	MadvRandom      Advice = 1
+	MadvSequential  Advice = 2
+	MadvWillNeed    Advice = 3
+	MadvDontNeed    Advice = 4
+	MadvFree        Advice = 8
+	MadvMergeable   Advice = 12
+	MadvUnmergeable Advice = 13
 )
 
 // Madvise gives advice about [addr, addr+length) (madvise(2)). The range
@@ -143,6 +145,11 @@ const (
 //   - MadvFree marks the range's exclusive anonymous pages lazily freeable:
 //     their entries are cleaned and flushed, the frames lose Dirty and
 //     SwapBacked, and reclaim may drop them unless they are written again.
+//   - MadvMergeable lets KSM merge the range's anonymous private pages with
+//     identical ones (VM_MERGEABLE) and puts the MM on the scanner's list;
+//     MadvUnmergeable takes the flag away and gives every merged page of
+//     the range back a private copy (file and shared mappings are left
+//     alone by both, as in Linux).
 //   - MadvNormal, MadvRandom, MadvSequential and MadvWillNeed are accepted
 //     and change nothing (there is no readahead to tune).
 func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
@@ -152,6 +159,8 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 	}
 	switch advice {
 	case MadvNormal, MadvRandom, MadvSequential, MadvWillNeed, MadvDontNeed, MadvFree:
+	case MadvMergeable, MadvUnmergeable:
+		return mm.setMergeable(start, end, advice == MadvMergeable)
 	default:
 		return fmt.Errorf("gomm: madvise advice %d: %w", advice, ErrInvalid)
 	}

@@ -3,6 +3,7 @@ package gomm
 import (
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
 )
 
 // swapIn brings the page named by the swap entry e back at page of v
@@ -47,6 +48,39 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 		}
 	}
 	defer f.Unlock()
+	if mm.foreignAnon(v, f) {
+		// A KSM page, or one of another anon_vma family (the page was
+		// merged while it was mapped here): this VMA's walk could not
+		// find it, so it gets a copy of its own (ksm_might_need_to_copy).
+		cp, err := mm.allocAnon(v, page, f)
+		if err != nil {
+			_ = mm.m.ram.Put(f)
+			return false, err
+		}
+		_ = mm.m.ram.Put(f)
+		pt, err := mm.table.AllocLockPTE(page)
+		if err != nil {
+			_ = mm.m.ram.Put(cp)
+			return false, err
+		}
+		i := pt.Index(page)
+		if pt.Get(i) != e {
+			pt.Unlock()
+			_ = mm.m.ram.Put(cp)
+			return true, nil
+		}
+		ne := anonPTE(v, cp) // exclusive: writable at once on a write fault
+		if !write {
+			ne = ne.Without(pagetable.Write | pagetable.Dirty)
+		}
+		cp.IncMapCount()
+		pt.Set(i, ne)
+		pt.Unlock()
+		mm.m.swap.putEntry(slot)
+		mm.rss.Add(1)
+		mm.m.lru.add(cp, true)
+		return false, nil
+	}
 	if m, _ := f.Mapping(); m == nil {
 		// A page others may map too goes to the family's root, which
 		// every VMA of the family is linked to (__folio_set_anon).
@@ -89,4 +123,17 @@ func (m *Machine) waitMigration(e pagetable.PTE) {
 	if f, err := m.ram.Frame(physmem.PFN(s.Offset)); err == nil {
 		f.WaitUnlocked()
 	}
+}
+
+// foreignAnon reports whether the locked swap-cache frame f has a
+// mapping v's reverse map cannot reach: a KSM stable node, or an
+// anon_vma of another family.
+func (mm *MM) foreignAnon(v *vma, f *physmem.Frame) bool {
+	switch m, _ := f.Mapping(); m := m.(type) {
+	case *rmap.StableNode:
+		return true
+	case *rmap.AnonVMA:
+		return m.Root() != mm.anonVMA(v).Root()
+	}
+	return false
 }

@@ -1,0 +1,157 @@
+package gomm_test
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/tlb"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// ksmSetup maps n mergeable pages in each of two MMs and fills page i
+// of both with the same word.
+func ksmSetup(t *testing.T, m *gomm.Machine, n int) (a, b *gomm.MM, va uint64) {
+	t.Helper()
+	a, b = m.NewMM(), m.NewMM()
+	for _, mm := range []*gomm.MM{a, b} {
+		addr, err := mm.Mmap(0x1000_0000, uint64(n)*page, rw, anon|gomm.MapFixed)
+		require.NoError(t, err)
+		require.NoError(t, mm.Madvise(addr, uint64(n)*page, gomm.MadvMergeable))
+		fillPages(t, mm, addr, n, 500)
+		va = addr
+	}
+	return a, b, va
+}
+
+func TestKSMMergeCOWAndUnmerge(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	a, b, va := ksmSetup(t, m, 8)
+	require.True(t, a.VMAs()[0].Mergeable)
+	m.KSMScan(1000) // first looks record checksums
+	st := m.KSMScan(1000)
+	assert.Equal(t, 8, st.PagesShared)
+	assert.Equal(t, 8, st.PagesSharing)
+	assert.Positive(t, st.FullScans)
+	assert.Equal(t, frameAt(t, m, a, va).PFN(), frameAt(t, m, b, va).PFN(), "one frame for both")
+	assert.True(t, frameAt(t, m, a, va).Has(physmem.FlagKSM))
+	require.NoError(t, m.CheckRmap(a, b))
+	checkPages(t, a, va, 8, 500)
+
+	writeWord(t, a, va, 1) // breaks COW
+	assert.Equal(t, uint64(1), readWord(t, a, va))
+	assert.Equal(t, uint64(500), readWord(t, b, va), "the other mapping keeps the merged page")
+	assert.NotEqual(t, frameAt(t, m, a, va).PFN(), frameAt(t, m, b, va).PFN())
+	require.NoError(t, m.CheckRmap(a, b))
+
+	require.NoError(t, b.Madvise(va, 8*page, gomm.MadvUnmergeable))
+	assert.False(t, frameAt(t, m, b, va+page).Has(physmem.FlagKSM), "unmerge gives private copies back")
+	checkPages(t, b, va, 8, 500)
+	require.NoError(t, m.CheckRmap(a, b))
+	st = m.KSMStats()
+	assert.Equal(t, 7, st.PagesShared, "a still maps seven KSM pages")
+	assert.Zero(t, st.PagesSharing)
+
+	// Unmerge after MADV_DONTNEED: nothing left to unmerge, no error.
+	require.NoError(t, a.Madvise(va, 8*page, gomm.MadvDontNeed))
+	require.NoError(t, a.Madvise(va, 8*page, gomm.MadvUnmergeable))
+	assert.Zero(t, m.KSMStats().PagesShared)
+	require.NoError(t, a.Exit())
+	require.NoError(t, b.Exit())
+}
+
+func TestKSMSkipsVolatileAndDifferentPages(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	a, b, va := ksmSetup(t, m, 4)
+	writeWord(t, b, va+3*page, 9) // differs from a's
+	const pass = 8                // one look at each present page
+	m.KSMScan(pass)
+	writeWord(t, a, va, 77) // changes between the looks: volatile
+	writeWord(t, b, va, 77)
+	st := m.KSMScan(pass)
+	assert.Equal(t, 2, st.PagesShared, "pages 1 and 2 only")
+	assert.Positive(t, st.PagesVolatile)
+	st = m.KSMScan(pass)
+	assert.Equal(t, 3, st.PagesShared, "page 0 settled and merged on the next pass")
+	require.NoError(t, m.CheckRmap(a, b))
+	require.NoError(t, a.Exit())
+	require.NoError(t, b.Exit())
+}
+
+func TestKSMPageReclaimedAndForked(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 1024, SwapSlots: 256})
+	a, b, va := ksmSetup(t, m, 4)
+	m.KSMScan(1000)
+	m.KSMScan(1000)
+	c, err := a.Fork()
+	require.NoError(t, err)
+	require.NoError(t, m.CheckRmap(a, b, c), "the child's mapping of the KSM page is found")
+	for range 3 {
+		m.Reclaim(1000)
+	}
+	assert.Zero(t, a.RSS())
+	checkPages(t, c, va, 4, 500)
+	checkPages(t, b, va, 4, 500)
+	require.NoError(t, m.CheckRmap(a, b, c))
+	for _, mm := range []*gomm.MM{a, b, c} {
+		require.NoError(t, mm.Exit())
+	}
+}
+
+// TestCPUsWriteWhileKSMScans: CPUs keep writing identical and changing
+// contents while ksmd merges under them and a mirror reads them: every
+// write either lands in a private copy or breaks COW, nothing is lost,
+// and no TLB keeps a writable entry to a merged page.
+func TestCPUsWriteWhileKSMScans(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 2, TLBEntries: 16})
+	mm := m.NewMM()
+	const pages = 16
+	addr, err := mm.Mmap(0, 2*pages*page, rw, anon|gomm.MapPopulate)
+	require.NoError(t, err)
+	require.NoError(t, mm.Madvise(addr, 2*pages*page, gomm.MadvMergeable))
+	dev := newMirror(t, m, mm, addr, 2*pages*page)
+	stop := m.StartKSM(time.Millisecond, 64)
+	rounds := iterations(300, 60)
+	var wg sync.WaitGroup
+	for c := range 2 {
+		cpu := m.CPU(c)
+		base := addr + uint64(c)*pages*page
+		wg.Go(func() {
+			cpu.Switch(mm.NewTask("writer"))
+			defer cpu.Switch(tlb.NewKernelThread("idle"))
+			want := make([]uint64, pages)
+			for r := range rounds {
+				for i := range pages {
+					va := base + uint64(i)*page
+					got, err := cpu.Load64(va)
+					if err != nil || got != want[i] {
+						t.Errorf("cpu %d round %d page %d: %#x, %v; want %#x", c, r, i, got, err, want[i])
+						return
+					}
+					want[i] = uint64(r / 8) // same across pages for a while: mergeable
+					if err := cpu.Store64(va, want[i]); err != nil {
+						t.Errorf("store: %v", err)
+						return
+					}
+				}
+				if r%16 == 0 {
+					if _, err := dev.access(base, false, 0); err != nil {
+						t.Errorf("device: %v", err)
+						return
+					}
+					m.KSMScan(2 * pages)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	stop()
+	stop()
+	assert.Positive(t, m.KSMStats().Merges)
+	require.NoError(t, m.CheckRmap(mm))
+	require.NoError(t, dev.close())
+	require.NoError(t, mm.Exit())
+}
