@@ -90,3 +90,38 @@ func BenchmarkFork1GiB(b *testing.B) {
 	}
 	_ = mm.Exit()
 }
+
+// BenchmarkKSMScan: the merger's throughput over page contents: each
+// iteration is one full pass over 1024 mergeable pages (half of them
+// identical pairs already merged, half distinct), checksumming every page
+// and looking each up in the stable and unstable trees.
+func BenchmarkKSMScan(b *testing.B) {
+	const pages = 1024
+	m := benchMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0, pages*page, rw, anon|gomm.MapPopulate)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := mm.Madvise(addr, pages*page, gomm.MadvMergeable); err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 8)
+	for i := range uint64(pages) {
+		buf[0], buf[1] = byte(i/2), byte(i/2>>8)
+		if i >= pages/2 {
+			buf[2] = byte(i)
+		}
+		if _, err := mm.WriteAt(buf, addr+i*page); err != nil {
+			b.Fatal(err)
+		}
+	}
+	m.KSMScan(2 * pages)
+	b.SetBytes(pages * page)
+	b.ReportAllocs()
+	for b.Loop() {
+		m.KSMScan(pages)
+	}
+	b.ReportMetric(float64(m.KSMStats().PagesSharing), "pages-sharing")
+	_ = mm.Exit()
+}
