@@ -159,14 +159,22 @@ func (m *Machine) KSMScan(pages int) KSMStats {
 	k := m.ksm
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for n := 0; n < pages; {
+	passes := k.stats.FullScans
+	for n, found := 0, true; n < pages; {
 		key, f, ok := k.next()
 		if !ok {
 			break
 		}
+		if k.stats.FullScans != passes {
+			if !found {
+				break // a whole pass without a page to look at
+			}
+			passes, found = k.stats.FullScans, false
+		}
 		if f == nil {
 			continue
 		}
+		found = true
 		n++
 		k.stats.PagesScanned++
 		k.scanOne(m, key, f)
@@ -206,13 +214,27 @@ func (k *ksm) next() (ksmKey, *physmem.Frame, bool) {
 		k.cursorMM, k.cursorVA = k.cursorMM+1, 0
 		return ksmKey{}, nil, true
 	}
-	va := max(k.cursorVA, v.Start)
-	k.cursorVA = va + PageSize
-	key := ksmKey{mm, va}
-	e, _ := mm.table.Lookup(va)
-	if !e.IsPresent() || e&pagetable.Special != 0 {
-		return key, nil, true
+	// The next present page of the VMA, skipping empty tables whole.
+	from := max(k.cursorVA, v.Start)
+	var found uint64
+	var e pagetable.PTE
+	_ = mm.table.Range(from, v.End, pagetable.RangeFuncs{
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				if x := pt.Get(i); x.IsPresent() && x&pagetable.Special == 0 {
+					found, e = pt.VA(i), x
+					return false
+				}
+			}
+			return true
+		},
+	})
+	if e == 0 {
+		k.cursorVA = v.End
+		return ksmKey{}, nil, true
 	}
+	k.cursorVA = found + PageSize
+	key := ksmKey{mm, found}
 	f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
 	if err != nil || !mm.m.ram.TryGet(f) {
 		return key, nil, true

@@ -1,0 +1,277 @@
+package gomm_test
+
+import (
+	"encoding/binary"
+	"fmt"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"pgregory.net/rapid"
+)
+
+// The processes model: several address spaces forked from each other,
+// mapping private anonymous memory and one file, shared or private,
+// while reclaim, KSM, migration and truncation run between their
+// accesses. The model is every process's memory contents; after every
+// step each mapped page must read as the model says, the reverse maps
+// must be consistent, and the checker must be quiet.
+
+const (
+	pmWindow = 0x2000_0000
+	pmPages  = 12 // window pages per process
+	pmFile   = 8  // file pages
+)
+
+type pmKind uint8
+
+const (
+	pmAnon     pmKind = iota // private anonymous: val
+	pmShared                 // shared file page idx: the file's value
+	pmPrivFile               // private file page idx: the file's value until copied, then val
+)
+
+type pmPage struct {
+	kind   pmKind
+	idx    uint64
+	copied bool
+	val    uint64
+}
+
+type pmProc struct {
+	mm    *gomm.MM
+	pages map[uint64]pmPage // by address
+}
+
+type procsModel struct {
+	m        *gomm.Machine
+	file     *gomm.File
+	fileVals [pmFile]uint64
+	fileSize uint64 // in pages
+	procs    []*pmProc
+	nextVal  uint64
+}
+
+func (s *procsModel) proc(t *rapid.T) *pmProc {
+	return s.procs[rapid.IntRange(0, len(s.procs)-1).Draw(t, "proc")]
+}
+
+func (s *procsModel) span(t *rapid.T) (uint64, uint64) {
+	lo := rapid.IntRange(0, pmPages-1).Draw(t, "page")
+	n := rapid.IntRange(1, min(4, pmPages-lo)).Draw(t, "pages")
+	return pmWindow + uint64(lo)*page, uint64(n)
+}
+
+func (s *procsModel) val() uint64 { s.nextVal++; return s.nextVal<<8 | 0x5a }
+
+// read is what the model says va of p reads as; ok false means a fault.
+func (s *procsModel) read(p *pmProc, va uint64) (uint64, bool) {
+	pg, mapped := p.pages[va]
+	switch {
+	case !mapped:
+		return 0, false
+	case pg.kind == pmAnon:
+		return pg.val, true
+	case pg.idx >= s.fileSize:
+		return 0, false // SIGBUS past the end, private copies included
+	case pg.kind == pmPrivFile && pg.copied:
+		return pg.val, true
+	}
+	return s.fileVals[pg.idx], true
+}
+
+func (s *procsModel) MmapAnon(t *rapid.T) {
+	p := s.proc(t)
+	addr, n := s.span(t)
+	_, err := p.mm.Mmap(addr, n*page, rw, anon|gomm.MapFixed)
+	expect(t, "mmap anon", err, nil)
+	for i := range n {
+		p.pages[addr+i*page] = pmPage{kind: pmAnon}
+	}
+	if rapid.Bool().Draw(t, "mergeable") {
+		expect(t, "madvise mergeable", p.mm.Madvise(addr, n*page, gomm.MadvMergeable), nil)
+	}
+}
+
+func (s *procsModel) MmapFile(t *rapid.T) {
+	p := s.proc(t)
+	addr, n := s.span(t)
+	off := uint64(rapid.IntRange(0, pmFile-int(n)).Draw(t, "off"))
+	shared := rapid.Bool().Draw(t, "shared")
+	flags, kind := gomm.MapPrivate|gomm.MapFixed, pmPrivFile
+	if shared {
+		flags, kind = gomm.MapShared|gomm.MapFixed, pmShared
+	}
+	_, err := p.mm.MmapFile(addr, n*page, rw, flags, s.file, off*page)
+	expect(t, "mmap file", err, nil)
+	for i := range n {
+		p.pages[addr+i*page] = pmPage{kind: kind, idx: off + i}
+	}
+}
+
+func (s *procsModel) Munmap(t *rapid.T) {
+	p := s.proc(t)
+	addr, n := s.span(t)
+	expect(t, "munmap", p.mm.Munmap(addr, n*page), nil)
+	for i := range n {
+		delete(p.pages, addr+i*page)
+	}
+}
+
+func (s *procsModel) Write(t *rapid.T) {
+	p := s.proc(t)
+	addr, _ := s.span(t)
+	v := s.val()
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], v)
+	_, err := p.mm.WriteAt(b[:], addr)
+	if _, ok := s.read(p, addr); !ok {
+		expect(t, "write", err, gomm.ErrFault)
+		return
+	}
+	expect(t, "write", err, nil)
+	pg := p.pages[addr]
+	switch pg.kind {
+	case pmShared:
+		s.fileVals[pg.idx] = v
+	default:
+		pg.val, pg.copied = v, true
+		p.pages[addr] = pg
+	}
+}
+
+func (s *procsModel) FileWrite(t *rapid.T) {
+	idx := uint64(rapid.IntRange(0, pmFile-1).Draw(t, "idx"))
+	v := s.val()
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], v)
+	_, err := s.file.WriteAt(b[:], int64(idx*page))
+	expect(t, "file write", err, nil)
+	if idx >= s.fileSize { // the write grows the file; the gap reads as zeros
+		for i := s.fileSize; i < idx; i++ {
+			s.fileVals[i] = 0
+		}
+		s.fileSize = idx + 1
+	}
+	s.fileVals[idx] = v
+}
+
+func (s *procsModel) Truncate(t *rapid.T) {
+	size := uint64(rapid.IntRange(0, pmFile).Draw(t, "size"))
+	expect(t, "truncate", s.file.Truncate(size*page), nil)
+	for i := size; i < pmFile; i++ {
+		s.fileVals[i] = 0
+	}
+	if size < s.fileSize {
+		// Private copies past the new end are unmapped too: if the file
+		// grows back, they show the file again.
+		for _, p := range s.procs {
+			for va, pg := range p.pages {
+				if pg.kind == pmPrivFile && pg.idx >= size {
+					pg.copied, pg.val = false, 0
+					p.pages[va] = pg
+				}
+			}
+		}
+	}
+	s.fileSize = size
+}
+
+func (s *procsModel) Fork(t *rapid.T) {
+	if len(s.procs) >= 4 {
+		t.Skip("enough processes")
+	}
+	p := s.proc(t)
+	child, err := p.mm.Fork()
+	expect(t, "fork", err, nil)
+	c := &pmProc{mm: child, pages: map[uint64]pmPage{}}
+	for va, pg := range p.pages {
+		c.pages[va] = pg
+	}
+	s.procs = append(s.procs, c)
+}
+
+func (s *procsModel) Exit(t *rapid.T) {
+	if len(s.procs) < 2 {
+		t.Skip("the last process stays")
+	}
+	i := rapid.IntRange(0, len(s.procs)-1).Draw(t, "exit")
+	expect(t, "exit", s.procs[i].mm.Exit(), nil)
+	s.procs = append(s.procs[:i], s.procs[i+1:]...)
+}
+
+func (s *procsModel) Reclaim(t *rapid.T) {
+	s.m.Reclaim(rapid.IntRange(1, 64).Draw(t, "n"))
+}
+
+func (s *procsModel) KSMScan(t *rapid.T) {
+	s.m.KSMScan(rapid.IntRange(1, 64).Draw(t, "n"))
+}
+
+func (s *procsModel) Migrate(t *rapid.T) {
+	p := s.proc(t)
+	addr, _ := s.span(t)
+	_, _ = p.mm.MovePages([]uint64{addr}) // busy or unmapped pages stay
+}
+
+func (s *procsModel) Check(t *rapid.T) {
+	for pi, p := range s.procs {
+		for i := range uint64(pmPages) {
+			va := pmWindow + i*page
+			want, ok := s.read(p, va)
+			var b [8]byte
+			_, err := p.mm.ReadAt(b[:], va)
+			if !ok {
+				if err == nil {
+					t.Fatalf("proc %d read of %#x succeeded, model says fault", pi, va)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatalf("proc %d read of %#x: %v", pi, va, err)
+			}
+			if got := binary.LittleEndian.Uint64(b[:]); got != want {
+				t.Fatalf("proc %d at %#x: %#x, model %#x (%+v)", pi, va, got, want, p.pages[va])
+			}
+		}
+	}
+	mms := make([]*gomm.MM, len(s.procs))
+	for i, p := range s.procs {
+		mms[i] = p.mm
+	}
+	if err := s.m.CheckRmap(mms...); err != nil {
+		t.Fatal(err)
+	}
+	if v, n := s.m.Violations(); n > 0 {
+		t.Fatalf("checker: %v", v[0])
+	}
+}
+
+func TestProcessesStateMachine(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 96, SwapSlots: 256, Check: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := m.NewFile(pmFile * page)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := &procsModel{m: m, file: f, fileSize: pmFile, procs: []*pmProc{{mm: m.NewMM(), pages: map[uint64]pmPage{}}}}
+		t.Repeat(rapid.StateMachineActions(s))
+		for _, p := range s.procs {
+			if err := p.mm.Exit(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := f.Truncate(0); err != nil {
+			t.Fatal(err)
+		}
+		st := m.Stats()
+		if st.Swap.Used != 0 || st.AnonVMAs != 0 {
+			t.Fatalf("after every exit: %d swap slots used, %d anon_vmas live", st.Swap.Used, st.AnonVMAs)
+		}
+		if free := st.RAM.Free; free != 95 {
+			t.Fatal(fmt.Sprintf("%d frames free after every exit, want 95", free))
+		}
+	})
+}
