@@ -3,6 +3,7 @@ package gomm_test
 import (
 	"encoding/binary"
 	"errors"
+	"io"
 	"slices"
 	"testing"
 
@@ -13,7 +14,7 @@ import (
 
 // typed reports whether err is one of the errno values.
 func typed(err error) bool {
-	for _, e := range []error{errno.ErrInvalid, errno.ErrNoMem, errno.ErrFault, errno.ErrExist, errno.ErrClosed} {
+	for _, e := range []error{errno.ErrInvalid, errno.ErrNoMem, errno.ErrFault, errno.ErrExist, errno.ErrClosed, errno.ErrBusy} {
 		if errors.Is(err, e) {
 			return true
 		}
@@ -21,9 +22,10 @@ func typed(err error) bool {
 	return false
 }
 
-// FuzzSyscalls drives every MM entry point with arbitrary arguments: no
-// panic, only errno errors, an address space unchanged by any call that
-// fails, and a silent checker.
+// FuzzSyscalls drives every MM entry point, and the file, reclaim, KSM
+// and migration ones, with arbitrary arguments: no panic, only errno
+// errors, an address space unchanged by any call that fails, consistent
+// reverse maps, and a silent checker.
 func FuzzSyscalls(f *testing.F) {
 	seed := func(op byte, a, b, c uint64) []byte {
 		buf := make([]byte, 25)
@@ -37,8 +39,15 @@ func FuzzSyscalls(f *testing.F) {
 	f.Add(append(seed(0, 0, 0x2000, 0x8022_0003), seed(2, 0x10000000, 0x1000, 1)...))
 	f.Add(append(seed(0, 0x10000000, 0x4000, 0x32_0003), seed(4, 0x10000000, 0x4000, 0x1_0000_2000)...))
 	f.Add(seed(5, 0x7fff_ffff_0000, 0x2000000, 0))
+	f.Add(append(seed(9, 0x10000000, 0x3000, 0x11_0003), seed(12, 0x2000, 9, 0)...))
+	f.Add(append(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(3, 0x10000000, 0x4000, 12)...), seed(13, 0, 64, 1)...))
+	f.Add(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(11, 0x10000000, 0, 0)...))
 	f.Fuzz(func(t *testing.T, prog []byte) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, Check: true})
+		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, SwapSlots: 64, Check: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		file, err := m.NewFile(8 * gomm.PageSize)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -46,7 +55,7 @@ func FuzzSyscalls(f *testing.F) {
 		cpu := m.CPU(0)
 		cpu.Switch(mm.NewTask("fuzz"))
 		for len(prog) >= 25 {
-			op := prog[0] % 9
+			op := prog[0] % 14
 			a := binary.LittleEndian.Uint64(prog[1:])
 			b := binary.LittleEndian.Uint64(prog[9:])
 			c := binary.LittleEndian.Uint64(prog[17:])
@@ -82,6 +91,38 @@ func FuzzSyscalls(f *testing.F) {
 				} else {
 					err = cpu.Store64(a, c)
 				}
+			case 9:
+				_, err = mm.MmapFile(a, b, gomm.Prot(c), gomm.MapFlags(c>>8)&^gomm.MapAnonymous, file, c>>32)
+			case 10:
+				mutates = false // a failing populate leaves the flag set, as in Linux
+				if c&1 == 0 {
+					err = mm.Mlock(a, b)
+				} else {
+					err = mm.Munlock(a, b)
+				}
+			case 11:
+				mutates = false
+				_, err = mm.MovePages([]uint64{a, b})
+			case 12:
+				mutates = false
+				switch c % 3 {
+				case 0:
+					err = file.Truncate(b % (64 * gomm.PageSize))
+				case 1:
+					_, err = file.WriteAt(make([]byte, b%9000), int64(a%(1<<20)))
+				default:
+					_, err = file.ReadAt(make([]byte, b%9000), int64(a))
+					if errors.Is(err, io.EOF) {
+						err = nil
+					}
+				}
+			case 13:
+				mutates = false
+				if c&1 == 0 {
+					m.Reclaim(int(b % 512))
+				} else {
+					m.KSMScan(int(b % 512))
+				}
 			}
 			if err == nil {
 				continue
@@ -93,8 +134,14 @@ func FuzzSyscalls(f *testing.F) {
 				t.Fatalf("op %d(%#x, %#x, %#x) failed (%v) but changed the address space", op, a, b, c, err)
 			}
 		}
+		if err := m.CheckRmap(mm); err != nil {
+			t.Fatal(err)
+		}
 		cpu.Switch(tlbIdle())
 		if err := mm.Exit(); err != nil {
+			t.Fatal(err)
+		}
+		if err := file.Truncate(0); err != nil {
 			t.Fatal(err)
 		}
 		if free := m.RAM().Stats().Free; free != 255 {
