@@ -18,9 +18,9 @@ import (
 // mapping it private copies a page on its first write. Shared anonymous
 // memory is a File too, one per mapping, as with tmpfs.
 //
-// Lock order: the inode lock (reads, writes and truncation of one file)
-// before mmap_lock is never taken together with it; page locks are taken
-// under it.
+// Lock order: the inode lock (i_rwsem: reads, writes and truncation of
+// one file) comes before mmap_lock; page locks and the rmap locks are
+// taken under it.
 type File struct {
 	m     *Machine
 	as    *rmap.File
@@ -37,7 +37,7 @@ func (m *Machine) NewFile(size uint64) (*File, error) {
 		return nil, fmt.Errorf("gomm: file of %d bytes: %w", size, ErrInvalid)
 	}
 	f := &File{m: m, as: rmap.NewFile(m.ram, size)}
-	f.inode.Init(nil)
+	f.inode.Init(locks.ClassInodeRWSem)
 	return f, nil
 }
 

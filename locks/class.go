@@ -44,6 +44,7 @@ func (c *Class) String() string {
 // The gomm lock order, outermost first. This is the single place it is
 // declared; it follows the comment at the top of the kernel's mm/rmap.c:
 //
+//	i_rwsem (a file's inode lock: writes, truncation)
 //	mmap_lock
 //	  mm_all_locks_mutex (mm_take_all_locks)
 //	    page lock
@@ -56,6 +57,7 @@ func (c *Class) String() string {
 // Below all of these sits a simulated CPU's access lock (package tlb), a
 // leaf under which no lock is ever taken, so it is not a class here.
 var (
+	ClassInodeRWSem    = NewClass("i_rwsem", 90)
 	ClassMmapLock      = NewClass("mmap_lock", 100)
 	ClassTakeAllMutex  = NewClass("mm_all_locks_mutex", 150)
 	ClassPageLock      = NewClass("page_lock", 200)
