@@ -150,6 +150,8 @@ func TestCPUsWriteWhileKSMScans(t *testing.T) {
 	wg.Wait()
 	stop()
 	stop()
+	m.KSMScan(8 * pages) // the contents are settled now: they merge
+	m.KSMScan(8 * pages)
 	assert.Positive(t, m.KSMStats().Merges)
 	require.NoError(t, m.CheckRmap(mm))
 	require.NoError(t, dev.close())

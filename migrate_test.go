@@ -143,7 +143,7 @@ func TestCPUsWriteWhileMigrationRuns(t *testing.T) {
 	mig := make(chan struct{})
 	go func() {
 		defer close(mig)
-		for i := 0; !stop.Load(); i++ {
+		for i := 0; !stop.Load() || migrated.Load() == 0; i++ {
 			va := addr + uint64(i%(2*pages))*page
 			if n, _ := mm.MovePages([]uint64{va}); n == 1 {
 				migrated.Add(1)

@@ -2,6 +2,7 @@ package gomm_test
 
 import (
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/gomm-dev/gomm"
@@ -191,16 +192,23 @@ func TestCPUsWriteWhileReclaimRuns(t *testing.T) {
 			}
 		})
 	}
-	wg.Go(func() {
-		for r := range rounds {
+	var stop atomic.Bool
+	reclaimer := make(chan struct{})
+	go func() {
+		defer close(reclaimer)
+		// Until the writers are done, and at least until something was
+		// swapped out from under them.
+		for r := 0; !stop.Load() || m.Stats().Reclaim.SwappedOut == 0; r++ {
 			m.Reclaim(32)
 			if _, err := dev.access(addr+uint64(r%(2*pages))*page, false, 0); err != nil {
 				t.Errorf("device read: %v", err)
 				return
 			}
 		}
-	})
+	}()
 	wg.Wait()
+	stop.Store(true)
+	<-reclaimer
 	require.NoError(t, m.CheckRmap(mm))
 	assert.Positive(t, m.Stats().Reclaim.SwappedOut)
 	require.NoError(t, dev.close())
