@@ -1,6 +1,7 @@
 package gomm
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/gomm-dev/gomm/notifier"
@@ -41,7 +42,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 	page := va &^ (PageSize - 1)
 	write := acc&pagetable.AccessWrite != 0
 	for {
-		pt, err := mm.table.AllocLockPTE(page)
+		pt, err := mm.allocLockPTE(page)
 		if err != nil {
 			return err
 		}
@@ -304,4 +305,18 @@ func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error)
 
 func errBadSwap(page uint64, e pagetable.PTE) error {
 	return fmt.Errorf("gomm: fault at %#x: swap entry %v names no swap device: %w", page, e, ErrFault)
+}
+
+// allocLockPTE is AllocLockPTE that reclaims when a page table cannot be
+// allocated: the table allocation itself never reclaims (it may run under
+// page-table locks), so the fault does it here, holding only mmap_lock,
+// and tries again.
+func (mm *MM) allocLockPTE(page uint64) (pagetable.PTETable, error) {
+	for range 8 {
+		pt, err := mm.table.AllocLockPTE(page)
+		if err == nil || !errors.Is(err, ErrNoMem) || mm.m.Reclaim(reclaimBatch).Freed == 0 {
+			return pt, err
+		}
+	}
+	return mm.table.AllocLockPTE(page)
 }

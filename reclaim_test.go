@@ -214,3 +214,26 @@ func TestCPUsWriteWhileReclaimRuns(t *testing.T) {
 	require.NoError(t, dev.close())
 	require.NoError(t, mm.Exit())
 }
+
+// TestPageTablesReclaimToo: with RAM full of anonymous pages, a fault
+// that needs a new page table reclaims for it instead of failing.
+func TestPageTablesReclaimToo(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 64, SwapSlots: 256})
+	mm := m.NewMM()
+	a, err := mm.Mmap(0x1000_0000, 128*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	fillPages(t, mm, a, 128, 0) // the rest is in swap
+	// Use up what direct reclaim left free, without needing a table.
+	for i := uint64(0); m.RAM().Stats().Free > 0; i++ {
+		writeWord(t, mm, a+(i%128)*page, i%128)
+	}
+	require.Zero(t, m.RAM().Stats().Free)
+	// A new 1 GiB region: its fault needs page tables before any page.
+	b, err := mm.Mmap(0x4000_0000, page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	writeWord(t, mm, b, 1)
+	assert.Equal(t, uint64(1), readWord(t, mm, b))
+	checkPages(t, mm, a, 128, 0)
+	require.NoError(t, m.CheckRmap(mm))
+	require.NoError(t, mm.Exit())
+}
