@@ -3,6 +3,7 @@ package gomm
 import (
 	"errors"
 	"fmt"
+	"runtime"
 
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
@@ -239,7 +240,16 @@ func (mm *MM) allocAnon(v *vma, page uint64, src *physmem.Frame) (*physmem.Frame
 		}
 	}
 	f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
+	// The frame is not mapped yet, but a holder of a stale frame number
+	// (Migrate, Mappers) may have taken a speculative reference and be
+	// about to read the mapping under the page lock: set it under the
+	// lock too. Only such a holder can have it, briefly; tried, because
+	// the caller may hold another page's lock.
+	for !f.TryLock() {
+		runtime.Gosched()
+	}
 	f.SetMapping(av, v.Index(page))
+	f.Unlock()
 	return f, nil
 }
 

@@ -65,7 +65,21 @@ type ksmItem struct {
 type stableNode struct {
 	rnode *rmap.StableNode
 	frame *physmem.Frame
+	gen   uint32 // frame's generation when it became this node's: a later one is another page
 	sum   uint64
+}
+
+// get takes a reference on the node's frame if it is still the same
+// page (not freed since; its mapping may then be read under its lock).
+func (n *stableNode) get(m *Machine) bool {
+	if !m.ram.TryGet(n.frame) {
+		return false
+	}
+	if n.frame.Gen() != n.gen {
+		_ = m.ram.Put(n.frame)
+		return false
+	}
+	return true
 }
 
 func newKSM() *ksm {
@@ -296,7 +310,7 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 			continue
 		}
 		if rnode, ok := other.mm.ksmMerge(other.va, tf, nil); ok {
-			node := &stableNode{rnode: rnode, frame: tf, sum: sum}
+			node := &stableNode{rnode: rnode, frame: tf, gen: tf.Gen(), sum: sum}
 			k.stable[sum] = append(k.stable[sum], node)
 			k.nodeOf[node.rnode] = node
 			k.items[other].node = node
@@ -316,7 +330,7 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 // forget takes key's place off the stable node it was merged into.
 func (k *ksm) forget(m *Machine, key ksmKey, it *ksmItem) {
 	f := it.node.frame
-	if m.ram.TryGet(f) {
+	if it.node.get(m) {
 		if f.TryLock() {
 			if ksmNodeOf(f) == it.node.rnode {
 				it.node.rnode.Remove(key.mm.space(), key.va)
@@ -341,7 +355,7 @@ func (k *ksm) findStable(m *Machine, sum uint64, data []byte) *stableNode {
 			i--
 			continue
 		}
-		if samePage(n.frame, data) && m.ram.TryGet(n.frame) {
+		if samePage(n.frame, data) && n.get(m) {
 			k.stable[sum] = nodes
 			return n
 		}
@@ -357,7 +371,7 @@ func (k *ksm) findStable(m *Machine, sum uint64, data []byte) *stableNode {
 // live reports whether n's frame is still its KSM page.
 func (k *ksm) live(m *Machine, n *stableNode) bool {
 	f := n.frame
-	if !m.ram.TryGet(f) {
+	if !n.get(m) {
 		return false
 	}
 	defer func() { _ = m.ram.Put(f) }()
