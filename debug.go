@@ -36,7 +36,7 @@ func (m *Machine) CheckRmap(mms ...*MM) error {
 	}
 	for _, mm := range mms {
 		mm.mmapLock.RLock()
-		for v := range mm.vmas.t.Ascend {
+		for v := range mm.vmas.all {
 			_ = mm.table.Range(v.Start, v.End, pagetable.RangeFuncs{
 				PTEs: func(pt pagetable.PTETable, first, last int) bool {
 					for i := first; i < last; i++ {

@@ -32,7 +32,7 @@ func (mm *MM) Fork() (*MM, error) {
 	since := mm.m.chk.BeginDowngrade()
 	var err error
 	var ranges []*notifier.Range
-	mm.vmas.t.Ascend(func(v *vma) bool {
+	mm.vmas.all(func(v *vma) bool {
 		cv := v.dup(child)
 		cv.ClearFlags(rmap.VMLocked) // mlock is not inherited
 		// anon_vma_fork before the copy: a walk of a page the copy is

@@ -135,7 +135,7 @@ func (mm *MM) VMAs() []VMA {
 	mm.mmapLock.RLock()
 	defer mm.mmapLock.RUnlock()
 	var out []VMA
-	mm.vmas.t.Ascend(func(v *vma) bool {
+	mm.vmas.all(func(v *vma) bool {
 		d := VMA{Start: v.Start, End: v.End, Prot: v.prot, Shared: v.shared(), File: v.file,
 			Locked: v.Flags()&rmap.VMLocked != 0, Mergeable: v.Flags()&rmap.VMMergeable != 0}
 		if v.file != nil {
@@ -162,7 +162,7 @@ func (mm *MM) exitMmap() error {
 	var err error
 	var nfreed int
 	var vs []*vma
-	mm.vmas.t.Ascend(func(v *vma) bool {
+	mm.vmas.all(func(v *vma) bool {
 		vs = append(vs, v)
 		st, zerr := g.Zap(v.Start, v.End)
 		mm.rss.Add(-int64(st.Frames))
@@ -171,7 +171,7 @@ func (mm *MM) exitMmap() error {
 		}
 		return true
 	})
-	mm.vmas.t.Clear(false)
+	mm.vmas.clear()
 	for _, v := range vs {
 		mm.unlinkVMA(v)
 	}

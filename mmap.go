@@ -218,7 +218,7 @@ func (mm *MM) unmapLocked(start, end uint64) error {
 		return nil
 	}
 	for _, v := range vs {
-		mm.vmas.t.Delete(v)
+		mm.vmas.delete(v)
 	}
 	return mm.zapAndFree(vs, start, end)
 }

@@ -108,7 +108,7 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 	unlock()
 	if err != nil {
 		// Nothing moved; a fixed destination stays unmapped, as in Linux.
-		mm.vmas.t.Delete(nv)
+		mm.vmas.delete(nv)
 		mm.unlinkVMA(nv)
 		mm.invalidateEnd(r)
 		mm.m.chk.EndDowngrade("mremap(move failed)", mm.ID(), dest, dest+size, since, false)

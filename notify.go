@@ -29,12 +29,12 @@ func (mm *MM) Notifiers() *notifier.List { return &mm.notifiers }
 // takes each once. Called with mmap_lock held for write.
 func (mm *MM) rmapLocks() iter.Seq[*locks.RWSem] {
 	return func(yield func(*locks.RWSem) bool) {
-		for v := range mm.vmas.t.Ascend {
+		for v := range mm.vmas.all {
 			if v.File != nil && !yield(v.File.Sem()) {
 				return
 			}
 		}
-		for v := range mm.vmas.t.Ascend {
+		for v := range mm.vmas.all {
 			if v.AnonVMA != nil && !yield(v.AnonVMA.Sem()) {
 				return
 			}
@@ -123,7 +123,7 @@ func (mm *MM) Reap() (ReapStats, error) {
 		return st, err
 	}
 	var err error
-	mm.vmas.t.Ascend(func(v *vma) bool {
+	mm.vmas.all(func(v *vma) bool {
 		r := notifier.NewRange(mm, v.Start, v.End, notifier.EventClear, 0)
 		if serr := mm.notifiers.InvalidateRangeStart(r); serr != nil {
 			st.Skipped++

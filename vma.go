@@ -2,6 +2,7 @@ package gomm
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/rmap"
 
@@ -71,11 +72,13 @@ type vma struct {
 	rmap.VMA
 	prot Prot
 	file *File // the mapped file (VMA.File is its address_space), or nil
+	// anonReady is set once AnonVMA is, so a fault finds it without
+	// anonMu (anon_vma_prepare's lockless fast path); false only costs
+	// the slow path.
+	anonReady atomic.Bool
 }
 
 func (v *vma) String() string { return fmt.Sprintf("[%#x, %#x) %v", v.Start, v.End, v.prot) }
-
-func vmaLess(a, b *vma) bool { return a.Start < b.Start }
 
 // shared reports whether writes reach the file (MAP_SHARED).
 func (v *vma) shared() bool { return v.Flags()&rmap.VMShared != 0 }
@@ -103,30 +106,45 @@ func (v VMA) String() string {
 }
 
 // vmaTree is the MM's ordered set of VMAs (the maple tree's job; a B-tree
-// here). Callers hold mmap_lock.
+// here). Callers hold mmap_lock. The tree holds small keys by value, so a
+// lookup's pivot lives on the stack: a fault allocates nothing to find
+// its VMA. A VMA's Start never changes while it is in the tree (splits
+// insert the tail, merges and growth move End), so its key stays right.
 type vmaTree struct {
-	t *btree.BTreeG[*vma]
+	t *btree.BTreeG[vmaKey]
 }
 
-func newVMATree() vmaTree { return vmaTree{t: btree.NewG(8, vmaLess)} }
+type vmaKey struct {
+	start uint64
+	v     *vma
+}
+
+func newVMATree() vmaTree {
+	return vmaTree{t: btree.NewG(8, func(a, b vmaKey) bool { return a.start < b.start })}
+}
+
+func (vt vmaTree) insert(v *vma) { vt.t.ReplaceOrInsert(vmaKey{v.Start, v}) }
+func (vt vmaTree) delete(v *vma) { vt.t.Delete(vmaKey{start: v.Start}) }
+func (vt vmaTree) clear()        { vt.t.Clear(false) }
+
+// all yields the VMAs in address order.
+func (vt vmaTree) all(yield func(*vma) bool) {
+	vt.t.Ascend(func(k vmaKey) bool { return yield(k.v) })
+}
 
 // find returns the first VMA that ends above addr (find_vma), or nil.
 func (vt vmaTree) find(addr uint64) *vma {
 	var found *vma
-	vt.t.DescendLessOrEqual(&vma{VMA: rmap.VMA{Start: addr}}, func(v *vma) bool {
-		if v.End > addr {
-			found = v
+	vt.t.DescendLessOrEqual(vmaKey{start: addr}, func(k vmaKey) bool {
+		if k.v.End > addr {
+			found = k.v
 		}
 		return false
 	})
 	if found != nil {
 		return found
 	}
-	vt.t.AscendGreaterOrEqual(&vma{VMA: rmap.VMA{Start: addr}}, func(v *vma) bool {
-		found = v
-		return false
-	})
-	return found
+	return vt.next(addr)
 }
 
 // lookup returns the VMA containing addr, or nil (vma_lookup).
@@ -139,40 +157,41 @@ func (vt vmaTree) lookup(addr uint64) *vma {
 
 // overlapping returns the VMAs that intersect [start, end), in order.
 func (vt vmaTree) overlapping(start, end uint64) []*vma {
-	var out []*vma
 	first := vt.find(start)
 	if first == nil {
 		return nil
 	}
-	vt.t.AscendGreaterOrEqual(first, func(v *vma) bool {
-		if v.Start >= end {
+	var out []*vma
+	vt.t.AscendGreaterOrEqual(vmaKey{start: first.Start}, func(k vmaKey) bool {
+		if k.start >= end {
 			return false
 		}
-		out = append(out, v)
+		out = append(out, k.v)
 		return true
 	})
 	return out
 }
 
-// prev and next return the neighbours of [start, end).
+// prev returns the VMA that ends at or below start, nearest to it.
 func (vt vmaTree) prev(start uint64) *vma {
-	var p *vma
-	vt.t.DescendLessOrEqual(&vma{VMA: rmap.VMA{Start: start - 1}}, func(v *vma) bool {
-		if v.End <= start {
-			p = v
-		}
-		return false
-	})
 	if start == 0 {
 		return nil
 	}
+	var p *vma
+	vt.t.DescendLessOrEqual(vmaKey{start: start - 1}, func(k vmaKey) bool {
+		if k.v.End <= start {
+			p = k.v
+		}
+		return false
+	})
 	return p
 }
 
+// next returns the first VMA that starts at or above end.
 func (vt vmaTree) next(end uint64) *vma {
 	var n *vma
-	vt.t.AscendGreaterOrEqual(&vma{VMA: rmap.VMA{Start: end}}, func(v *vma) bool {
-		n = v
+	vt.t.AscendGreaterOrEqual(vmaKey{start: end}, func(k vmaKey) bool {
+		n = k.v
 		return false
 	})
 	return n
@@ -194,7 +213,8 @@ func (vt vmaTree) covered(start, end uint64) bool {
 // above floor (unmapped_area_topdown); ok is false if none.
 func (vt vmaTree) gap(size, floor, top uint64) (addr uint64, ok bool) {
 	found := false
-	vt.t.Descend(func(v *vma) bool {
+	vt.t.Descend(func(k vmaKey) bool {
+		v := k.v
 		if v.Start >= top {
 			return true
 		}

@@ -51,7 +51,7 @@ func (v *vma) setProt(p Prot) {
 
 // insertVMA links a new VMA into the tree and its file's i_mmap.
 func (mm *MM) insertVMA(v *vma) {
-	mm.vmas.t.ReplaceOrInsert(v)
+	mm.vmas.insert(v)
 	if v.File != nil {
 		_ = v.File.Link(&v.VMA) // cannot fail: v is new and non-empty
 	}
@@ -128,7 +128,7 @@ func (mm *MM) merge(a, b *vma) {
 		_ = mm.m.anonVMAs.Clone(&a.VMA, &b.VMA) // a has no chains
 	}
 	mm.m.anonVMAs.Adjust(&a.VMA, a.Start, b.End, a.PgOff)
-	mm.vmas.t.Delete(b)
+	mm.vmas.delete(b)
 	mm.unlinkVMA(b)
 }
 
@@ -155,8 +155,11 @@ func (mm *MM) mergeAround(start, end uint64) {
 // anonVMA returns v's anon_vma, preparing one on the first anonymous
 // fault (anon_vma_prepare): a neighbour's, if it can merge with v
 // later, else a new family. Faults run under mmap_lock for read, so
-// anonMu serializes the preparation.
+// anonMu serializes the preparation; once done, faults only load a flag.
 func (mm *MM) anonVMA(v *vma) *rmap.AnonVMA {
+	if v.anonReady.Load() {
+		return v.AnonVMA
+	}
 	mm.anonMu.Lock()
 	defer mm.anonMu.Unlock()
 	if v.AnonVMA == nil {
@@ -172,5 +175,6 @@ func (mm *MM) anonVMA(v *vma) *rmap.AnonVMA {
 		}
 		_ = mm.m.anonVMAs.PrepareFrom(&v.VMA, nv) // v is non-empty: cannot fail
 	}
+	v.anonReady.Store(true)
 	return v.AnonVMA
 }
