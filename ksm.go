@@ -1,7 +1,6 @@
 package gomm
 
 import (
-	"bytes"
 	"fmt"
 	"slices"
 	"sync"
@@ -35,14 +34,14 @@ type ksm struct {
 	listMu sync.Mutex // ksm_mmlist_lock: a leaf, taken under mmap_lock
 	mms    []*MM      // MMs with mergeable VMAs; protected by listMu
 
-	mu       sync.Mutex // ksm_thread_mutex: one scan at a time; never taken under mmap_lock
-	cursorMM int        // protected by mu
-	cursorVA uint64     // protected by mu
-	items    map[ksmKey]*ksmItem
-	stable   map[uint64][]*stableNode         // by content hash; protected by mu
-	unstable map[uint64][]ksmKey              // rebuilt every pass; protected by mu
-	nodeOf   map[*rmap.StableNode]*stableNode // protected by mu
-	stats    KSMStats                         // protected by mu
+	mu       sync.Mutex               // ksm_thread_mutex: one scan at a time; never taken under mmap_lock
+	cursorMM int                      // protected by mu
+	cursorVA uint64                   // protected by mu
+	items    map[ksmKey]*ksmItem      // protected by mu
+	stable   map[uint64][]*stableNode // by content hash; protected by mu
+	unstable map[uint64][]ksmKey      // rebuilt every pass; protected by mu
+	stats    KSMStats                 // protected by mu
+	buf      [PageSize]byte           // the page being checksummed; protected by mu
 }
 
 type ksmKey struct {
@@ -65,26 +64,12 @@ type ksmItem struct {
 type stableNode struct {
 	rnode *rmap.StableNode
 	frame *physmem.Frame
-	gen   uint32 // frame's generation when it became this node's: a later one is another page
 	sum   uint64
-}
-
-// get takes a reference on the node's frame if it is still the same
-// page (not freed since; its mapping may then be read under its lock).
-func (n *stableNode) get(m *Machine) bool {
-	if !m.ram.TryGet(n.frame) {
-		return false
-	}
-	if n.frame.Gen() != n.gen {
-		_ = m.ram.Put(n.frame)
-		return false
-	}
-	return true
 }
 
 func newKSM() *ksm {
 	return &ksm{items: map[ksmKey]*ksmItem{}, stable: map[uint64][]*stableNode{},
-		unstable: map[uint64][]ksmKey{}, nodeOf: map[*rmap.StableNode]*stableNode{}}
+		unstable: map[uint64][]ksmKey{}}
 }
 
 // enter puts mm on the scanner's list (__ksm_enter).
@@ -282,17 +267,16 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 	if !f.Has(physmem.FlagAnon) || f.Has(physmem.FlagSwapCache) {
 		return
 	}
-	data := make([]byte, PageSize)
-	if _, err := f.ReadAt(data, 0); err != nil {
+	if _, err := f.ReadAt(k.buf[:], 0); err != nil {
 		return
 	}
-	sum := xxhash.Sum64(data)
+	sum := xxhash.Sum64(k.buf[:])
 	if !it.seen || it.sum != sum {
 		it.sum, it.seen = sum, true
 		k.stats.PagesVolatile++
 		return
 	}
-	if node := k.findStable(m, sum, data); node != nil {
+	if node := k.findStable(m, sum, f); node != nil {
 		if _, ok := key.mm.ksmMerge(key.va, f, node.frame); ok {
 			it.node = node
 			k.stats.Merges++
@@ -305,14 +289,13 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 		if tf == nil {
 			continue
 		}
-		if tf.Has(physmem.FlagKSM) || !samePage(tf, data) {
+		if tf.Has(physmem.FlagKSM) || !tf.Equal(f) {
 			_ = m.ram.Put(tf)
 			continue
 		}
 		if rnode, ok := other.mm.ksmMerge(other.va, tf, nil); ok {
-			node := &stableNode{rnode: rnode, frame: tf, gen: tf.Gen(), sum: sum}
+			node := &stableNode{rnode: rnode, frame: tf, sum: sum}
 			k.stable[sum] = append(k.stable[sum], node)
-			k.nodeOf[node.rnode] = node
 			k.items[other].node = node
 			k.unstable[sum] = slices.Delete(k.unstable[sum], i, i+1)
 			if _, ok := key.mm.ksmMerge(key.va, f, tf); ok {
@@ -330,7 +313,7 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 // forget takes key's place off the stable node it was merged into.
 func (k *ksm) forget(m *Machine, key ksmKey, it *ksmItem) {
 	f := it.node.frame
-	if it.node.get(m) {
+	if m.ram.TryGet(f) {
 		if f.TryLock() {
 			if ksmNodeOf(f) == it.node.rnode {
 				it.node.rnode.Remove(key.mm.space(), key.va)
@@ -342,20 +325,19 @@ func (k *ksm) forget(m *Machine, key ksmKey, it *ksmItem) {
 	it.node = nil
 }
 
-// findStable returns the live KSM page whose contents are data, with a
+// findStable returns the live KSM page whose contents are p's, with a
 // reference on its frame, dropping stale nodes (their page freed, or no
 // longer KSM) on the way.
-func (k *ksm) findStable(m *Machine, sum uint64, data []byte) *stableNode {
+func (k *ksm) findStable(m *Machine, sum uint64, p *physmem.Frame) *stableNode {
 	nodes := k.stable[sum]
 	for i := 0; i < len(nodes); i++ {
 		n := nodes[i]
 		if !k.live(m, n) {
 			nodes = slices.Delete(nodes, i, i+1)
-			delete(k.nodeOf, n.rnode)
 			i--
 			continue
 		}
-		if samePage(n.frame, data) && n.get(m) {
+		if n.frame.Equal(p) && m.ram.TryGet(n.frame) {
 			k.stable[sum] = nodes
 			return n
 		}
@@ -371,7 +353,7 @@ func (k *ksm) findStable(m *Machine, sum uint64, data []byte) *stableNode {
 // live reports whether n's frame is still its KSM page.
 func (k *ksm) live(m *Machine, n *stableNode) bool {
 	f := n.frame
-	if !n.get(m) {
+	if !m.ram.TryGet(f) {
 		return false
 	}
 	defer func() { _ = m.ram.Put(f) }()
@@ -437,14 +419,6 @@ func (m *Machine) StartKSM(interval time.Duration, pages int) (stop func()) {
 	}
 }
 
-func samePage(f *physmem.Frame, data []byte) bool {
-	buf := make([]byte, PageSize)
-	if _, err := f.ReadAt(buf, 0); err != nil {
-		return false
-	}
-	return bytes.Equal(buf, data)
-}
-
 // pageAt returns the anonymous frame mapped at va with a reference, or nil.
 func (mm *MM) pageAt(va uint64) *physmem.Frame {
 	if mm.Get() != nil {
@@ -501,8 +475,7 @@ func (mm *MM) ksmMerge(va uint64, f, kpage *physmem.Frame) (*rmap.StableNode, bo
 		return nil, false
 	}
 	defer kpage.Unlock()
-	data := make([]byte, PageSize)
-	if _, err := kpage.ReadAt(data, 0); err != nil || !samePage(f, data) || !kpage.Has(physmem.FlagKSM) {
+	if !kpage.Has(physmem.FlagKSM) || !kpage.Equal(f) {
 		return nil, false
 	}
 	if !mm.replacePage(v, va, f, kpage, orig) {

@@ -25,6 +25,7 @@ type swapDevice struct {
 	outs   uint64                    // pages written; protected by mu
 	ins    uint64                    // pages read; protected by mu
 	orphan []uint64                  // slots whose last entry went while cached; protected by mu
+	spare  [][]byte                  // page buffers of freed slots, for the next write; protected by mu
 }
 
 func newSwapDevice(ram *physmem.Allocator, slots int) *swapDevice {
@@ -107,6 +108,9 @@ func (d *swapDevice) putEntry(slot uint64) {
 }
 
 func (d *swapDevice) releaseLocked(slot uint64) {
+	if buf := d.data[slot]; buf != nil {
+		d.spare = append(d.spare, buf)
+	}
 	d.data[slot] = nil
 	d.free = append(d.free, slot)
 	d.used--
@@ -191,15 +195,27 @@ func (d *swapDevice) removeFrozen(f *physmem.Frame) {
 	}
 }
 
-// write copies the locked frame f to its slot (swap_writepage).
+// write copies the locked frame f to its slot (swap_writepage), into
+// the slot's buffer, or a freed slot's: swapping out allocates only
+// while the device fills up. The copy runs under the device lock, which
+// orders it against any read of the slot.
 func (d *swapDevice) write(f *physmem.Frame) error {
-	buf := make([]byte, PageSize)
-	if _, err := f.ReadAt(buf, 0); err != nil {
-		return err
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.data[f.Private()] = buf
+	slot := f.Private()
+	buf := d.data[slot]
+	if buf == nil {
+		if n := len(d.spare); n > 0 {
+			buf, d.spare = d.spare[n-1], d.spare[:n-1]
+		} else {
+			buf = make([]byte, PageSize)
+		}
+	}
+	if _, err := f.ReadAt(buf, 0); err != nil {
+		d.spare = append(d.spare, buf)
+		return err
+	}
+	d.data[slot] = buf
 	d.outs++
 	return nil
 }
@@ -207,14 +223,13 @@ func (d *swapDevice) write(f *physmem.Frame) error {
 // read fills the locked frame f from slot (swap_read_folio).
 func (d *swapDevice) read(slot uint64, f *physmem.Frame) error {
 	d.mu.Lock()
-	buf := d.data[slot]
+	defer d.mu.Unlock()
 	d.ins++
-	d.mu.Unlock()
-	if buf == nil {
-		return f.Zero()
+	if buf := d.data[slot]; buf != nil {
+		_, err := f.WriteAt(buf, 0)
+		return err
 	}
-	_, err := f.WriteAt(buf, 0)
-	return err
+	return f.Zero()
 }
 
 // dropOrphans frees the cached frames whose slots no entry names any more

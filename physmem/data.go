@@ -138,6 +138,29 @@ func (f *Frame) IsZero() bool {
 	return true
 }
 
+// Equal reports whether f and g hold the same bytes (memcmp_pages, as
+// KSM compares candidates), without copying either. A freed frame equals
+// nothing.
+func (f *Frame) Equal(g *Frame) bool {
+	a, b := f.data.Load(), g.data.Load()
+	switch {
+	case a == poisonData || b == poisonData:
+		return false
+	case a == b:
+		return true
+	case a == nil:
+		return g.IsZero()
+	case b == nil:
+		return f.IsZero()
+	}
+	for i := range a {
+		if a[i].Load() != b[i].Load() {
+			return false
+		}
+	}
+	return true
+}
+
 // HasData reports whether the frame's data has been allocated, that is,
 // whether it was ever written since it was allocated.
 func (f *Frame) HasData() bool {

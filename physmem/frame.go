@@ -111,8 +111,10 @@ type Frame struct {
 	data     atomic.Pointer[pageData] // nil (zero page) until first write; poisonData while free
 
 	// mapping and index are the rmap's: which anon_vma or address_space
-	// the frame belongs to and its page offset there. Protected by the page
-	// lock (or by the frame not yet being visible to anybody else).
+	// the frame belongs to and its page offset there. Protected by the
+	// page lock, even on a frame not yet mapped: code that holds a stale
+	// frame number (a migration request, a KSM node) takes a speculative
+	// reference and reads them under the lock.
 	mapping Mapping
 	index   uint64
 	// private holds the swap entry of a swap-cache frame (folio->swap).

@@ -164,14 +164,20 @@ func TestCopyAndZero(t *testing.T) {
 	dst, _ := a.Alloc()
 	_, err := src.WriteAt([]byte("copy me"), 100)
 	require.NoError(t, err)
+	assert.False(t, dst.Equal(src))
 	require.NoError(t, dst.CopyFrom(src))
 	buf := make([]byte, 7)
 	_, _ = dst.ReadAt(buf, 100)
 	assert.Equal(t, "copy me", string(buf))
+	assert.True(t, dst.Equal(src), "a copy is equal")
 
 	empty, _ := a.Alloc()
+	assert.False(t, empty.Equal(src))
 	require.NoError(t, dst.CopyFrom(empty))
 	assert.True(t, dst.IsZero(), "copying a never-written frame zeroes")
+	_, _ = dst.WriteAt([]byte{0}, 9) // data allocated, all zeros
+	assert.True(t, dst.Equal(empty), "zeros equal a never-written frame")
+	assert.True(t, empty.Equal(dst))
 
 	_, _ = dst.WriteAt([]byte{1}, 0)
 	assert.False(t, dst.IsZero())
@@ -179,6 +185,7 @@ func TestCopyAndZero(t *testing.T) {
 	assert.True(t, dst.IsZero())
 
 	require.NoError(t, a.Put(src))
+	assert.False(t, src.Equal(src), "a freed frame equals nothing")
 	assert.ErrorIs(t, dst.CopyFrom(src), ErrFreed)
 	assert.ErrorIs(t, src.Zero(), ErrFreed)
 }

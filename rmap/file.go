@@ -206,28 +206,33 @@ func (f *File) CachedPages() int {
 // (zeros if it was never written back): the read_folio of a cache miss.
 func (f *File) ReadPage(index uint64, p *physmem.Frame) error {
 	f.mu.Lock()
-	data := f.store[index]
-	f.mu.Unlock()
-	if data == nil {
-		return p.Zero()
+	defer f.mu.Unlock()
+	if data := f.store[index]; data != nil {
+		_, err := p.WriteAt(data, 0)
+		return err
 	}
-	_, err := p.WriteAt(data, 0)
-	return err
+	return p.Zero()
 }
 
 // WritePage copies p to the backing store at its index (writepage); the
-// caller holds p's page lock and has cleaned it.
+// caller holds p's page lock and has cleaned it. A page written back
+// before reuses its buffer. Both copies run under the cache lock, which
+// orders them.
 func (f *File) WritePage(p *physmem.Frame) error {
-	buf := make([]byte, pageSize)
-	if _, err := p.ReadAt(buf, 0); err != nil {
-		return err
-	}
 	_, idx := p.Mapping()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if idx*pageSize < f.size {
-		f.store[idx] = buf
+	if idx*pageSize >= f.size {
+		return nil // truncated meanwhile
 	}
+	buf := f.store[idx]
+	if buf == nil {
+		buf = make([]byte, pageSize)
+	}
+	if _, err := p.ReadAt(buf, 0); err != nil {
+		return err
+	}
+	f.store[idx] = buf
 	return nil
 }
 
