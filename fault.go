@@ -1,7 +1,6 @@
 package gomm
 
 import (
-	"errors"
 	"fmt"
 	"runtime"
 
@@ -138,20 +137,25 @@ func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 	if err != nil {
 		return false, err
 	}
-	return mm.mapNewAnon(v, page, old, f)
+	return mm.mapNewAnon(v, page, old, f, true)
 }
 
 // mapNewAnon installs the new anonymous frame f at page if the entry
-// still holds old; if not, f is dropped and retry is true.
-func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame) (retry bool, err error) {
+// still holds old, writable or not; if not, f is dropped and retry is
+// true.
+func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame, writable bool) (retry bool, err error) {
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
 		return false, err
 	}
 	i := pt.Index(page)
+	e := anonPTE(v, f)
+	if !writable {
+		e = e.Without(pagetable.Write | pagetable.Dirty)
+	}
 	f.IncMapCount()
-	if !pt.CompareAndSet(i, old, anonPTE(v, f)) {
+	if !pt.CompareAndSet(i, old, e) {
 		pt.Unlock()
 		f.DecMapCount()
 		_ = mm.m.ram.Put(f)
@@ -287,7 +291,7 @@ func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error)
 			_ = mm.m.ram.Put(cow)
 			return false, err
 		}
-		return mm.mapNewAnon(v, page, 0, cow)
+		return mm.mapNewAnon(v, page, 0, cow, true)
 	}
 	defer p.Unlock()
 	pt, err := mm.table.AllocLockPTE(page)
@@ -322,11 +326,5 @@ func errBadSwap(page uint64, e pagetable.PTE) error {
 // page-table locks), so the fault does it here, holding only mmap_lock,
 // and tries again.
 func (mm *MM) allocLockPTE(page uint64) (pagetable.PTETable, error) {
-	for range 8 {
-		pt, err := mm.table.AllocLockPTE(page)
-		if err == nil || !errors.Is(err, ErrNoMem) || mm.m.Reclaim(reclaimBatch).Freed == 0 {
-			return pt, err
-		}
-	}
-	return mm.table.AllocLockPTE(page)
+	return withReclaim(mm.m, func() (pagetable.PTETable, error) { return mm.table.AllocLockPTE(page) })
 }

@@ -97,26 +97,18 @@ func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	f.inode.RLock()
 	defer f.inode.RUnlock()
 	size := f.as.Size()
-	done := 0
-	for done < len(p) {
-		pos := uint64(off) + uint64(done)
-		if pos >= size {
-			return done, io.EOF
-		}
-		page, err := f.lockedPage(pos / PageSize)
-		if err != nil {
-			return done, err
-		}
-		n := min(len(p)-done, PageSize-int(pos%PageSize), int(size-pos))
-		_, err = page.ReadAt(p[done:done+n], int(pos%PageSize))
-		page.Unlock()
-		_ = f.m.ram.Put(page)
-		if err != nil {
-			return done, err
-		}
-		done += n
+	if uint64(off) >= size {
+		return 0, io.EOF
 	}
-	return done, nil
+	q := p[:min(uint64(len(p)), size-uint64(off))]
+	n, err := f.eachPage(q, uint64(off), func(page *physmem.Frame, chunk []byte, at int) error {
+		_, err := page.ReadAt(chunk, at)
+		return err
+	})
+	if err == nil && n < len(p) {
+		err = io.EOF
+	}
+	return n, err
 }
 
 // WriteAt writes p at off, growing the file if it ends past its size.
@@ -130,16 +122,27 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	if end := uint64(off) + uint64(len(p)); end > f.as.Size() {
 		f.as.SetSize(end)
 	}
+	return f.eachPage(p, uint64(off), func(page *physmem.Frame, chunk []byte, at int) error {
+		_, err := page.WriteAt(chunk, at)
+		page.SetFlags(physmem.FlagDirty)
+		return err
+	})
+}
+
+// eachPage runs fn on each page of the file that [off, off+len(p))
+// covers, locked and in the cache, with the part of p that falls in it
+// and where in the page that part starts. It returns how many bytes of
+// p it got through.
+func (f *File) eachPage(p []byte, off uint64, fn func(page *physmem.Frame, chunk []byte, at int) error) (int, error) {
 	done := 0
 	for done < len(p) {
-		pos := uint64(off) + uint64(done)
+		pos := off + uint64(done)
 		page, err := f.lockedPage(pos / PageSize)
 		if err != nil {
 			return done, err
 		}
 		n := min(len(p)-done, PageSize-int(pos%PageSize))
-		_, err = page.WriteAt(p[done:done+n], int(pos%PageSize))
-		page.SetFlags(physmem.FlagDirty)
+		err = fn(page, p[done:done+n], int(pos%PageSize))
 		page.Unlock()
 		_ = f.m.ram.Put(page)
 		if err != nil {

@@ -1,7 +1,6 @@
 package gomm
 
 import (
-	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -93,13 +92,9 @@ func (k *ksm) exit(mm *MM) {
 // setMergeable is madvise(MADV_MERGEABLE / MADV_UNMERGEABLE).
 func (mm *MM) setMergeable(start, end uint64, on bool) error {
 	mm.mmapLock.Lock()
-	if err := mm.checkOpen(); err != nil {
+	if err := mm.checkMapped("madvise", start, end); err != nil {
 		mm.mmapLock.Unlock()
 		return err
-	}
-	if !mm.vmas.covered(start, end) {
-		mm.mmapLock.Unlock()
-		return fmt.Errorf("gomm: madvise [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
 	}
 	for _, v := range mm.isolate(start, end) {
 		switch {

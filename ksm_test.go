@@ -1,13 +1,11 @@
 package gomm_test
 
 import (
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/physmem"
-	"github.com/gomm-dev/gomm/tlb"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -114,40 +112,14 @@ func TestCPUsWriteWhileKSMScans(t *testing.T) {
 	require.NoError(t, mm.Madvise(addr, 2*pages*page, gomm.MadvMergeable))
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
 	stop := m.StartKSM(time.Millisecond, 64)
-	rounds := iterations(300, 60)
-	var wg sync.WaitGroup
-	for c := range 2 {
-		cpu := m.CPU(c)
-		base := addr + uint64(c)*pages*page
-		wg.Go(func() {
-			cpu.Switch(mm.NewTask("writer"))
-			defer cpu.Switch(tlb.NewKernelThread("idle"))
-			want := make([]uint64, pages)
-			for r := range rounds {
-				for i := range pages {
-					va := base + uint64(i)*page
-					got, err := cpu.Load64(va)
-					if err != nil || got != want[i] {
-						t.Errorf("cpu %d round %d page %d: %#x, %v; want %#x", c, r, i, got, err, want[i])
-						return
-					}
-					want[i] = uint64(r / 8) // same across pages for a while: mergeable
-					if err := cpu.Store64(va, want[i]); err != nil {
-						t.Errorf("store: %v", err)
-						return
-					}
-				}
-				if r%16 == 0 {
-					if _, err := dev.access(base, false, 0); err != nil {
-						t.Errorf("device: %v", err)
-						return
-					}
-					m.KSMScan(2 * pages)
-				}
-			}
-		})
-	}
-	wg.Wait()
+	writeWhile(t, m, mm, addr, pages, iterations(300, 60),
+		func(r, i int) uint64 { return uint64(r / 8) }, // the same on every page for a while: mergeable
+		func(r int) error {
+			m.KSMScan(2 * pages)
+			_, err := dev.access(addr+uint64(r%(2*pages))*page, false, 0)
+			return err
+		},
+		func() bool { return true })
 	stop()
 	stop()
 	m.KSMScan(8 * pages) // the contents are settled now: they merge

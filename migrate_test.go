@@ -7,7 +7,6 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/notifier"
-	"github.com/gomm-dev/gomm/tlb"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -112,51 +111,18 @@ func TestCPUsWriteWhileMigrationRuns(t *testing.T) {
 	addr, err := mm.Mmap(0, 2*pages*page, rw, anon|gomm.MapPopulate)
 	require.NoError(t, err)
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
-	rounds := iterations(400, 80)
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	for c := range 2 {
-		cpu := m.CPU(c)
-		base := addr + uint64(c)*pages*page
-		wg.Go(func() {
-			cpu.Switch(mm.NewTask("writer"))
-			defer cpu.Switch(tlb.NewKernelThread("idle"))
-			want := make([]uint64, pages)
-			for r := range rounds {
-				for i := range pages {
-					va := base + uint64(i)*page
-					got, err := cpu.Load64(va)
-					if err != nil || got != want[i] {
-						t.Errorf("cpu %d round %d page %d: %#x, %v; want %#x", c, r, i, got, err, want[i])
-						return
-					}
-					want[i] = uint64(r<<16 | i)
-					if err := cpu.Store64(va, want[i]); err != nil {
-						t.Errorf("store: %v", err)
-						return
-					}
-				}
-			}
-		})
-	}
 	var migrated atomic.Int64
-	mig := make(chan struct{})
-	go func() {
-		defer close(mig)
-		for i := 0; !stop.Load() || migrated.Load() == 0; i++ {
-			va := addr + uint64(i%(2*pages))*page
+	writeWhile(t, m, mm, addr, pages, iterations(400, 80),
+		func(r, i int) uint64 { return uint64(r<<16 | i) },
+		func(r int) error {
+			va := addr + uint64(r%(2*pages))*page
 			if n, _ := mm.MovePages([]uint64{va}); n == 1 {
 				migrated.Add(1)
 			}
-			if _, err := dev.access(va, false, 0); err != nil {
-				t.Errorf("device read: %v", err)
-				return
-			}
-		}
-	}()
-	wg.Wait()
-	stop.Store(true)
-	<-mig
+			_, err := dev.access(va, false, 0)
+			return err
+		},
+		func() bool { return migrated.Load() > 0 })
 	assert.Positive(t, migrated.Load())
 	require.NoError(t, m.CheckRmap(mm))
 	require.NoError(t, dev.close())

@@ -1,8 +1,6 @@
 package gomm
 
 import (
-	"fmt"
-
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/rmap"
@@ -31,13 +29,9 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 		return err
 	}
 	mm.mmapLock.Lock()
-	if err := mm.checkOpen(); err != nil {
+	if err := mm.checkMapped(op, start, end); err != nil {
 		mm.mmapLock.Unlock()
 		return err
-	}
-	if !mm.vmas.covered(start, end) {
-		mm.mmapLock.Unlock()
-		return fmt.Errorf("gomm: %s [%#x, %#x): not all mapped: %w", op, start, end, ErrNoMem)
 	}
 	for _, v := range mm.isolate(start, end) {
 		if lock {

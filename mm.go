@@ -260,6 +260,19 @@ func (mm *MM) checkOpen() error {
 	return nil
 }
 
+// checkMapped fails once the MM has exited (ErrClosed) or when [start,
+// end) is not mapped without holes (ErrNoMem, as mprotect, madvise and
+// mlock report it). Called with mmap_lock held.
+func (mm *MM) checkMapped(op string, start, end uint64) error {
+	if err := mm.checkOpen(); err != nil {
+		return err
+	}
+	if !mm.vmas.covered(start, end) {
+		return fmt.Errorf("gomm: %s [%#x, %#x): not all mapped: %w", op, start, end, ErrNoMem)
+	}
+	return nil
+}
+
 // pageAlign rounds n up to a page; ok is false on overflow.
 func pageAlign(n uint64) (uint64, bool) {
 	a := (n + PageSize - 1) &^ (PageSize - 1)

@@ -26,11 +26,8 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 	}
 	mm.mmapLock.Lock()
 	defer mm.mmapLock.Unlock()
-	if err := mm.checkOpen(); err != nil {
+	if err := mm.checkMapped("mprotect", start, end); err != nil {
 		return err
-	}
-	if !mm.vmas.covered(start, end) {
-		return fmt.Errorf("gomm: mprotect [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
 	}
 	if err := mm.splitPartialHuge(start, end); err != nil {
 		return err
@@ -166,11 +163,8 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 	}
 	mm.mmapLock.RLock()
 	defer mm.mmapLock.RUnlock()
-	if err := mm.checkOpen(); err != nil {
+	if err := mm.checkMapped("madvise", start, end); err != nil {
 		return err
-	}
-	if !mm.vmas.covered(start, end) {
-		return fmt.Errorf("gomm: madvise [%#x, %#x): not all mapped: %w", start, end, ErrNoMem)
 	}
 	switch advice {
 	case MadvDontNeed:

@@ -192,16 +192,20 @@ func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) {
 // allocator's slow path with direct reclaim): it fails with ErrNoMem only
 // when reclaim frees nothing. Callers hold no page-table or rmap lock.
 func (m *Machine) allocFrame() (*physmem.Frame, error) {
+	return withReclaim(m, m.ram.Alloc)
+}
+
+// withReclaim runs alloc, and while it fails with ErrNoMem and reclaim
+// frees something, reclaims and runs it again (a bounded number of
+// times: another allocator may take what was freed).
+func withReclaim[T any](m *Machine, alloc func() (T, error)) (T, error) {
 	for range 8 {
-		f, err := m.ram.Alloc()
-		if err == nil || !errors.Is(err, ErrNoMem) {
-			return f, err
-		}
-		if m.Reclaim(reclaimBatch).Freed == 0 {
-			return nil, err
+		v, err := alloc()
+		if err == nil || !errors.Is(err, ErrNoMem) || m.Reclaim(reclaimBatch).Freed == 0 {
+			return v, err
 		}
 	}
-	return m.ram.Alloc()
+	return alloc()
 }
 
 // reclaimBatch is how many frames direct reclaim frees at a time

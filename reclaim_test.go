@@ -1,12 +1,9 @@
 package gomm_test
 
 import (
-	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/gomm-dev/gomm"
-	"github.com/gomm-dev/gomm/tlb"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -166,49 +163,14 @@ func TestCPUsWriteWhileReclaimRuns(t *testing.T) {
 	addr, err := mm.Mmap(0, 2*pages*page, rw, anon)
 	require.NoError(t, err)
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
-	rounds := iterations(300, 60)
-	var wg sync.WaitGroup
-	for c := range 2 {
-		cpu := m.CPU(c)
-		base := addr + uint64(c)*pages*page
-		wg.Go(func() {
-			cpu.Switch(mm.NewTask("writer"))
-			defer cpu.Switch(tlb.NewKernelThread("idle"))
-			want := make([]uint64, pages)
-			for r := range rounds {
-				for i := range pages {
-					va := base + uint64(i)*page
-					got, err := cpu.Load64(va)
-					if err != nil || got != want[i] {
-						t.Errorf("cpu %d round %d page %d: %#x, %v; want %#x", c, r, i, got, err, want[i])
-						return
-					}
-					want[i] = uint64(r<<16 | i)
-					if err := cpu.Store64(va, want[i]); err != nil {
-						t.Errorf("store: %v", err)
-						return
-					}
-				}
-			}
-		})
-	}
-	var stop atomic.Bool
-	reclaimer := make(chan struct{})
-	go func() {
-		defer close(reclaimer)
-		// Until the writers are done, and at least until something was
-		// swapped out from under them.
-		for r := 0; !stop.Load() || m.Stats().Reclaim.SwappedOut == 0; r++ {
+	writeWhile(t, m, mm, addr, pages, iterations(300, 60),
+		func(r, i int) uint64 { return uint64(r<<16 | i) },
+		func(r int) error {
 			m.Reclaim(32)
-			if _, err := dev.access(addr+uint64(r%(2*pages))*page, false, 0); err != nil {
-				t.Errorf("device read: %v", err)
-				return
-			}
-		}
-	}()
-	wg.Wait()
-	stop.Store(true)
-	<-reclaimer
+			_, err := dev.access(addr+uint64(r%(2*pages))*page, false, 0)
+			return err
+		},
+		func() bool { return m.Stats().Reclaim.SwappedOut > 0 })
 	require.NoError(t, m.CheckRmap(mm))
 	assert.Positive(t, m.Stats().Reclaim.SwappedOut)
 	require.NoError(t, dev.close())

@@ -53,33 +53,15 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 		// merged while it was mapped here): this VMA's walk could not
 		// find it, so it gets a copy of its own (ksm_might_need_to_copy).
 		cp, err := mm.allocAnon(v, page, f)
+		_ = mm.m.ram.Put(f) // the swap cache still holds it
 		if err != nil {
-			_ = mm.m.ram.Put(f)
 			return false, err
 		}
-		_ = mm.m.ram.Put(f)
-		pt, err := mm.table.AllocLockPTE(page)
-		if err != nil {
-			_ = mm.m.ram.Put(cp)
-			return false, err
+		retry, err := mm.mapNewAnon(v, page, e, cp, write)
+		if err == nil && !retry {
+			mm.m.swap.putEntry(slot) // the entry no longer names the slot
 		}
-		i := pt.Index(page)
-		if pt.Get(i) != e {
-			pt.Unlock()
-			_ = mm.m.ram.Put(cp)
-			return true, nil
-		}
-		ne := anonPTE(v, cp) // exclusive: writable at once on a write fault
-		if !write {
-			ne = ne.Without(pagetable.Write | pagetable.Dirty)
-		}
-		cp.IncMapCount()
-		pt.Set(i, ne)
-		pt.Unlock()
-		mm.m.swap.putEntry(slot)
-		mm.rss.Add(1)
-		mm.m.lru.add(cp, true)
-		return false, nil
+		return retry, err
 	}
 	if m, _ := f.Mapping(); m == nil {
 		// A page others may map too goes to the family's root, which

@@ -3,7 +3,6 @@ package rmap
 import (
 	"fmt"
 	"iter"
-	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -183,14 +182,13 @@ func (f *File) Remove(p *physmem.Frame) bool {
 // Indexes returns the cached page offsets at or above from, in order.
 func (f *File) Indexes(from uint64) []uint64 {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	out := slices.Collect(func(yield func(uint64) bool) {
-		for idx := range maps.Keys(f.pages) {
-			if idx >= from && !yield(idx) {
-				return
-			}
+	var out []uint64
+	for idx := range f.pages {
+		if idx >= from {
+			out = append(out, idx)
 		}
-	})
+	}
+	f.mu.Unlock()
 	slices.Sort(out)
 	return out
 }

@@ -74,14 +74,16 @@ func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64) b
 			// child's (rmap_walk_ksm's search_new_forks).
 			continue
 		}
-		if c.Done != nil && c.Done() {
-			return false
-		}
-		if !c.Visit(v, a) {
+		if !c.visit(v, a) {
 			return false
 		}
 	}
 	return false
+}
+
+// visit asks Done, then calls Visit; false stops the walk.
+func (c *Control) visit(v *VMA, addr uint64) bool {
+	return (c.Done == nil || !c.Done()) && c.Visit(v, addr)
 }
 
 func walkFile(f *File, index uint64, c *Control) bool {
@@ -95,14 +97,7 @@ func walkFile(f *File, index uint64, c *Control) bool {
 	defer f.immap.RUnlock()
 	for n := range f.tree.Overlapping(index, index) {
 		v := n.Value
-		a, ok := v.Address(index)
-		if !ok {
-			continue
-		}
-		if c.Done != nil && c.Done() {
-			return false
-		}
-		if !c.Visit(v, a) {
+		if a, ok := v.Address(index); ok && !c.visit(v, a) {
 			return false
 		}
 	}
