@@ -2,6 +2,7 @@ package notifier
 
 import (
 	"fmt"
+	"reflect"
 	"sync"
 	"sync/atomic"
 
@@ -147,13 +148,21 @@ func (l *List) Register(ops any) (*Subscription, error) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if err := l.addLocked(s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// addLocked publishes the new subscription s. Called with mu held.
+func (l *List) addLocked(s *Subscription) error {
 	if l.released {
-		return nil, fmt.Errorf("notifier: register on mm %d after release: %w", l.mm.ID(), ErrClosed)
+		return fmt.Errorf("notifier: register on mm %d after release: %w", l.mm.ID(), ErrClosed)
 	}
 	s.list = l
 	l.all = append(l.all, s)
 	l.publishLocked()
-	return s, nil
+	return nil
 }
 
 func newSubscription(ops any) (*Subscription, error) {
@@ -241,25 +250,28 @@ func (l *List) Unregister(s *Subscription) error {
 
 // Get returns the mm's one subscription for ops, creating it if needed
 // (mmu_notifier_get): drivers that attach to an mm many times share it,
-// refcounted. ops must be comparable (a pointer, usually). The caller
-// holds the locks Register needs.
+// refcounted. ops must be comparable (a pointer, usually; anything else
+// is ErrInvalid). The caller holds the locks Register needs.
 func (l *List) Get(ops any) (*Subscription, error) {
+	if ops == nil || !reflect.TypeOf(ops).Comparable() {
+		return nil, fmt.Errorf("notifier: get with %T, which cannot identify a subscription: %w", ops, ErrInvalid)
+	}
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	for _, s := range l.all {
 		if s.shared && s.ops == ops {
 			s.refs++
-			l.mu.Unlock()
 			return s, nil
 		}
 	}
-	l.mu.Unlock()
-	s, err := l.Register(ops)
+	s, err := newSubscription(ops)
 	if err != nil {
 		return nil, err
 	}
-	l.mu.Lock()
 	s.shared, s.refs = true, 1
-	l.mu.Unlock()
+	if err := l.addLocked(s); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 

@@ -211,6 +211,39 @@ func TestGetPutShareOneSubscription(t *testing.T) {
 	assert.ErrorIs(t, l.Put(s1), errno.ErrInvalid)
 }
 
+// uncomparableOps implements a callback but cannot be compared with ==.
+type uncomparableOps struct{ _ []int }
+
+func (uncomparableOps) InvalidateRangeEnd(*notifier.Range)         {}
+func (uncomparableOps) InvalidateRangeStart(*notifier.Range) error { return nil }
+
+func TestGetIsOneSubscriptionUnderConcurrencyAndRefusesUncomparableOps(t *testing.T) {
+	l := newList()
+	f := &freer{}
+	subs := make([]*notifier.Subscription, 8)
+	var wg sync.WaitGroup
+	for i := range subs {
+		wg.Go(func() {
+			s, err := l.Get(f)
+			assert.NoError(t, err)
+			subs[i] = s
+		})
+	}
+	wg.Wait()
+	for _, s := range subs {
+		assert.Same(t, subs[0], s, "concurrent Gets share one subscription")
+	}
+	for _, s := range subs {
+		require.NoError(t, l.Put(s))
+	}
+	assert.False(t, l.HasSubscribers())
+
+	_, err := l.Get(uncomparableOps{})
+	assert.ErrorIs(t, err, errno.ErrInvalid, "not a panic")
+	_, err = l.Get(nil)
+	assert.ErrorIs(t, err, errno.ErrInvalid)
+}
+
 func TestSecondaryTLBsAndAging(t *testing.T) {
 	l := newList()
 	d := &tlbDev{}
