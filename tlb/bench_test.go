@@ -76,3 +76,15 @@ func BenchmarkFlushRange(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFlushRangeHuge: a partial flush of 32 2 MiB strides (what
+// zapping huge leaves asks for) on one CPU.
+func BenchmarkFlushRangeHuge(b *testing.B) {
+	testmain.WithoutLockdep(b)
+	r := testrig.New(b, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	r.Sys.CPU(0).Switch(tlb.NewUserTask("t", s.Ctx))
+	for b.Loop() {
+		r.Sys.FlushRange(s.Ctx, 0, 32*pagetable.HugeSize, pagetable.HugeShift, false)
+	}
+}

@@ -225,7 +225,7 @@ func (c *CPU) flushTLBFunc(f *flushInfo) {
 	if f.end != FlushAll && f.newGen == c.localGen+1 && f.newGen == mmGen {
 		c.flushRange(f.ctx, f.start, f.end)
 		c.sys.stats.partialFlushes.Add(1)
-		c.sys.stats.pagesFlushed.Add(pageCount(f.start, f.end, pagetable.PageShift))
+		c.sys.stats.pagesFlushed.Add(pageCount(f.start, f.end, f.strideShift))
 	} else {
 		c.flushAll()
 		c.sys.stats.fullFlushes.Add(1)
@@ -245,11 +245,24 @@ func (c *CPU) flushAll() {
 }
 
 func (c *CPU) flushRange(ctx *Context, start, end uint64) {
-	for va := start &^ (pagetable.PageSize - 1); va < end; va += pagetable.PageSize {
-		set := &c.sets[(va>>pagetable.PageShift)&uint64(len(c.sets)-1)]
-		for w := range set {
-			if set[w].ctx == ctx && set[w].vpn == va>>pagetable.PageShift {
-				set[w].ctx = nil
+	first, last := start>>pagetable.PageShift, (end-1)>>pagetable.PageShift
+	if last-first >= uint64(len(c.sets)) {
+		// More pages than sets (a range of 2 MiB strides, say): one pass
+		// over the whole TLB costs less than one probe per page.
+		for i := range c.sets {
+			for w := range c.sets[i] {
+				if e := &c.sets[i][w]; e.ctx == ctx && e.vpn >= first && e.vpn <= last {
+					e.ctx = nil
+				}
+			}
+		}
+	} else {
+		for vpn := first; vpn <= last; vpn++ {
+			set := &c.sets[vpn&uint64(len(c.sets)-1)]
+			for w := range set {
+				if set[w].ctx == ctx && set[w].vpn == vpn {
+					set[w].ctx = nil
+				}
 			}
 		}
 	}

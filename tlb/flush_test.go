@@ -51,6 +51,31 @@ func TestFlushRangeSendsIPIsOnlyToTheMask(t *testing.T) {
 	assert.ElementsMatch(t, []int{1, 2}, b.Ctx.CPUs())
 }
 
+// TestFlushOfHugeStridesDropsSmallEntriesInRangeOnly: a partial flush
+// in 2 MiB strides covers more pages than the TLB has sets, so the CPU
+// sweeps its TLB once instead of probing page by page; every 4 KiB entry
+// inside the range goes, and one just past it stays.
+func TestFlushOfHugeStridesDropsSmallEntriesInRangeOnly(t *testing.T) {
+	r := testrig.New(t, 1, tlb.LazyRefcount)
+	s := r.NewSpace()
+	const base = 0x4000_0000
+	in1 := s.MapPage(base, testrig.RWU, 1)
+	in2 := s.MapPage(base+3*pagetable.HugeSize-pagetable.PageSize, testrig.RWU, 2)
+	out := s.MapPage(base+3*pagetable.HugeSize, testrig.RWU, 3)
+	cpu := r.Sys.CPU(0)
+	cpu.Switch(tlb.NewUserTask("t", s.Ctx))
+	for _, va := range []uint64{base, base + 3*pagetable.HugeSize - pagetable.PageSize, base + 3*pagetable.HugeSize} {
+		warm(t, cpu, va, va+pagetable.PageSize)
+	}
+	r.Sys.FlushRange(s.Ctx, base, base+3*pagetable.HugeSize, pagetable.HugeShift, false)
+	st := r.Sys.Stats()
+	assert.Equal(t, uint64(1), st.PartialFlushes)
+	assert.Equal(t, uint64(3), st.PagesFlushed, "three 2 MiB strides")
+	assert.False(t, cached(cpu, uint64(in1.PFN())))
+	assert.False(t, cached(cpu, uint64(in2.PFN())))
+	assert.True(t, cached(cpu, uint64(out.PFN())), "past the range")
+}
+
 func TestFlushFullVersusPartial(t *testing.T) {
 	tests := []struct {
 		name          string

@@ -77,7 +77,7 @@ type Stats struct {
 	LazySkipped     uint64 // flush IPIs not sent because the CPU was lazy
 	FullFlushes     uint64 // whole-mm flushes done by a CPU
 	PartialFlushes  uint64 // range flushes done by a CPU
-	PagesFlushed    uint64 // pages named by partial flushes
+	PagesFlushed    uint64 // pages named by partial flushes, in the flush's stride (4 KiB or 2 MiB)
 	FlushRequests   uint64 // FlushRange calls
 	Hits, Misses    uint64 // TLB lookups
 	Faults          uint64 // accesses that went to the fault handler
@@ -172,7 +172,6 @@ type flushInfo struct {
 	ctx         *Context
 	start, end  uint64 // end is FlushAll for a whole-mm flush
 	strideShift uint
-	freedTables bool
 	newGen      uint64
 }
 
@@ -192,7 +191,7 @@ type flushInfo struct {
 // FlushRange returns.
 func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, freedTables bool) {
 	s.stats.flushRequests.Add(1)
-	info := flushInfo{ctx: ctx, start: start, end: end, strideShift: strideShift, freedTables: freedTables}
+	info := flushInfo{ctx: ctx, start: start, end: end, strideShift: strideShift}
 	if end != FlushAll && (end-start)>>strideShift > FlushCeiling {
 		info.start, info.end = 0, FlushAll
 	}
@@ -212,11 +211,7 @@ func (s *System) FlushRange(ctx *Context, start, end uint64, strideShift uint, f
 		c.unlock()
 	}
 	if ctx.secondary != nil {
-		end := info.end
-		if end == FlushAll {
-			end = ^uint64(0)
-		}
-		ctx.secondary.InvalidateSecondaryTLBs(info.start, end)
+		ctx.secondary.InvalidateSecondaryTLBs(info.start, info.end)
 	}
 }
 
