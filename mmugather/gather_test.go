@@ -3,6 +3,7 @@ package mmugather_test
 import (
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/gomm-dev/gomm/internal/check"
@@ -88,15 +89,8 @@ func TestFlushOrder(t *testing.T) {
 
 func TestZapBatchesFlushes(t *testing.T) {
 	n := mmugather.BatchPages*2 + 100
-	r := testrig.New(t, 2, tlb.LazyRefcount)
-	ram, err := physmem.New(n + 64)
-	require.NoError(t, err)
-	r.RAM = ram
-	chk := r.Chk
-	ram.OnFree(func(f *physmem.Frame) { chk.FrameFreed(uint64(f.PFN())) })
-	sys, err := tlb.NewSystem(tlb.Config{CPUs: 2, RAM: ram, Checker: check.New()})
-	require.NoError(t, err)
-	r.Sys = sys
+	r := testrig.NewWithFrames(t, 2, tlb.LazyRefcount, n+64)
+	ram, sys := r.RAM, r.Sys
 	s := r.NewSpace()
 	f0, _ := ram.Alloc()
 	f0.IncMapCount()
@@ -109,6 +103,12 @@ func TestZapBatchesFlushes(t *testing.T) {
 	}
 	for _, cpu := range sys.CPUs() {
 		cpu.Switch(tlb.NewUserTask("t", s.Ctx))
+		// Cache pages of every batch, so a frame freed before its
+		// flush is a violation the checker sees.
+		for va := uint64(0); va < uint64(n)*page; va += 997 * page {
+			_, err := cpu.Load64(va)
+			require.NoError(t, err)
+		}
 	}
 	g := mmugather.Start(sys, ram, s.Ctx)
 	st, err := g.Zap(0, uint64(n)*page)
@@ -243,7 +243,11 @@ func TestConcurrentGathersRace(t *testing.T) {
 }
 
 // TestConcurrentGathersStress runs overlapping gathers on real goroutines
-// while CPUs keep touching the range: the checker must stay silent.
+// while CPUs keep touching the range: the checker must stay silent. It
+// runs until gathers have really nested (one finishing while another is
+// pending) a few times; the deterministic TestConcurrentGathersRace is
+// the one that shows the nested-flush fix matters, this one that the
+// flush-before-free order holds under real scheduling.
 func TestConcurrentGathersStress(t *testing.T) {
 	const pages = 32
 	r := testrig.New(t, 2, tlb.LazyRefcount)
@@ -267,16 +271,20 @@ func TestConcurrentGathersStress(t *testing.T) {
 		})
 	}
 	var wg sync.WaitGroup
+	var nested atomic.Int32
 	for w := range 2 {
 		wg.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(w), 7))
-			for range 200 {
+			for i := 0; i < 200 || nested.Load() < 3; i++ {
 				lo := rng.IntN(pages)
 				hi := lo + 1 + rng.IntN(pages-lo)
 				since := r.Chk.BeginDowngrade()
 				g := mmugather.Start(r.Sys, r.RAM, s.Ctx)
 				if _, err := g.Zap(0x100000+uint64(lo)*page, 0x100000+uint64(hi)*page); err != nil {
 					t.Error(err)
+				}
+				if s.Ctx.FlushNested() {
+					nested.Add(1)
 				}
 				if err := g.Finish(); err != nil {
 					t.Error(err)

@@ -1,6 +1,7 @@
 package notifier_test
 
 import (
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -141,13 +142,14 @@ func TestIntervalReleaseEvent(t *testing.T) {
 
 // TestIntervalSequenceStress: readers loop ReadBegin/ReadRetry while
 // invalidations run; a reader whose retry says "no change" must never
-// have overlapped an invalidation of its interval.
+// have overlapped an invalidation of its interval. Each invalidation
+// stays open for a while, and the test runs until readers have
+// overlapped one many times, so it cannot pass without the race.
 func TestIntervalSequenceStress(t *testing.T) {
 	l := newList()
 	m := &mirror{}
 	in, _ := l.Insert(0, 0x1000, m)
-	var running atomic.Int32
-	var bad atomic.Int32
+	var running, bad, overlaps atomic.Int32
 	var stop atomic.Bool
 	var wg sync.WaitGroup
 	for range 2 {
@@ -156,18 +158,24 @@ func TestIntervalSequenceStress(t *testing.T) {
 				seq := in.ReadBegin()
 				sawRunning := running.Load() != 0
 				m.mu.Lock()
-				if !in.ReadRetry(seq) && sawRunning {
-					bad.Add(1)
+				if sawRunning {
+					overlaps.Add(1)
+					if !in.ReadRetry(seq) {
+						bad.Add(1)
+					}
 				}
 				m.mu.Unlock()
 			}
 		})
 	}
-	for range 2000 {
+	for i := 0; i < 2000 || overlaps.Load() < 100; i++ {
 		r := notifier.NewRange(fakeMM(1), 0, 0x1000, notifier.EventClear, notifier.Blockable)
 		require.NoError(t, l.InvalidateRangeStart(r))
-		running.Add(1)
-		running.Add(-1)
+		running.Store(1)
+		for range 20 {
+			runtime.Gosched() // the invalidation is in progress: let readers run into it
+		}
+		running.Store(0)
 		l.InvalidateRangeEnd(r)
 	}
 	stop.Store(true)

@@ -28,7 +28,13 @@ type Rig struct {
 // New returns a rig with the given CPUs and 4096 frames of RAM.
 func New(t testing.TB, cpus int, mode tlb.LazyMode) *Rig {
 	t.Helper()
-	ram, err := physmem.New(4096)
+	return NewWithFrames(t, cpus, mode, 4096)
+}
+
+// NewWithFrames is New with frames frames of RAM.
+func NewWithFrames(t testing.TB, cpus int, mode tlb.LazyMode, frames int) *Rig {
+	t.Helper()
+	ram, err := physmem.New(frames)
 	require.NoError(t, err)
 	chk := check.New()
 	ram.OnFree(func(f *physmem.Frame) { chk.FrameFreed(uint64(f.PFN())) })
