@@ -2,6 +2,7 @@ package check
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -113,8 +114,11 @@ type Checker struct {
 	clock  atomic.Uint64 // Stamp source
 	checks atomic.Uint64 // checks run
 
+	// caches is published copy-on-write, so every check reads it with
+	// one atomic load (the allocator's free hooks are kept the same way).
+	caches atomic.Pointer[[]registered] // replaced under mu
+
 	mu         sync.Mutex
-	caches     []registered    // protected by mu
 	nextID     uint64          // protected by mu
 	violations []Violation     // protected by mu
 	total      int             // violations found, recorded or not; protected by mu
@@ -142,16 +146,13 @@ func (c *Checker) Register(cache Cache) (unregister func()) {
 	defer c.mu.Unlock()
 	c.nextID++
 	id := c.nextID
-	c.caches = append(c.caches, registered{id: id, cache: cache})
+	next := append(slices.Clone(c.snapshot()), registered{id: id, cache: cache})
+	c.caches.Store(&next)
 	return func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		for i, r := range c.caches {
-			if r.id == id {
-				c.caches = append(c.caches[:i:i], c.caches[i+1:]...)
-				return
-			}
-		}
+		next := slices.DeleteFunc(slices.Clone(c.snapshot()), func(r registered) bool { return r.id == id })
+		c.caches.Store(&next)
 	}
 }
 
@@ -196,7 +197,8 @@ func (c *Checker) EndDowngrade(op string, space, start, end uint64, since Stamp,
 		return
 	}
 	c.checks.Add(1)
-	for _, r := range c.snapshot() {
+	for _, reg := range c.snapshot() {
+		r := reg.cache
 		rc, ok := r.(RangeCache)
 		if !ok {
 			continue
@@ -215,8 +217,8 @@ func (c *Checker) FrameFreed(pfn uint64) {
 	}
 	c.checks.Add(1)
 	for _, r := range c.snapshot() {
-		if d, ok := r.CachedPFN(pfn); ok {
-			c.Report(Violation{Kind: FreedFrameCached, Op: "free", Cache: r.CacheName(), PFN: pfn, Detail: d})
+		if d, ok := r.cache.CachedPFN(pfn); ok {
+			c.Report(Violation{Kind: FreedFrameCached, Op: "free", Cache: r.cache.CacheName(), PFN: pfn, Detail: d})
 		}
 	}
 }
@@ -229,9 +231,9 @@ func (c *Checker) SpaceFreed(space uint64) {
 	}
 	c.checks.Add(1)
 	for _, r := range c.snapshot() {
-		if su, ok := r.(SpaceUser); ok {
+		if su, ok := r.cache.(SpaceUser); ok {
 			if d, ok := su.UsesSpace(space); ok {
-				c.Report(Violation{Kind: FreedSpaceInUse, Op: "mmdrop", Cache: r.CacheName(), Space: space, Detail: d})
+				c.Report(Violation{Kind: FreedSpaceInUse, Op: "mmdrop", Cache: r.cache.CacheName(), Space: space, Detail: d})
 			}
 		}
 	}
@@ -273,12 +275,10 @@ func (c *Checker) Checks() uint64 {
 	return c.checks.Load()
 }
 
-func (c *Checker) snapshot() []Cache {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := make([]Cache, len(c.caches))
-	for i, r := range c.caches {
-		out[i] = r.cache
+// snapshot returns the registered caches; the slice is never modified.
+func (c *Checker) snapshot() []registered {
+	if p := c.caches.Load(); p != nil {
+		return *p
 	}
-	return out
+	return nil
 }
