@@ -2,6 +2,7 @@ package gomm_test
 
 import (
 	"errors"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -13,13 +14,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
-
-func iterations(full, short int) int {
-	if testing.Short() {
-		return short
-	}
-	return full
-}
 
 // TestCPUsRaceUnmapProtectAndMadvise: CPUs load and store over a region
 // while other goroutines munmap and remap, mprotect and madvise parts of
@@ -74,7 +68,7 @@ func TestCPUsRaceUnmapProtectAndMadvise(t *testing.T) {
 	for w := range 2 {
 		mutators.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(w), 12))
-			for range iterations(400, 80) {
+			for range testmain.Iterations(400, 80) {
 				lo := rng.Uint64N(pages)
 				n := 1 + rng.Uint64N(min(8, pages-lo))
 				addr := base + lo*page

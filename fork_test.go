@@ -3,6 +3,7 @@ package gomm_test
 import (
 	"context"
 	"errors"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -145,7 +146,7 @@ func TestForkWhileCPUsWrite(t *testing.T) {
 			}
 		})
 	}
-	for range iterations(40, 10) {
+	for range testmain.Iterations(40, 10) {
 		child, err := parent.Fork()
 		require.NoError(t, err)
 		buf := make([]byte, 8)

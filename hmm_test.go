@@ -3,6 +3,7 @@ package gomm_test
 import (
 	"errors"
 	"fmt"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -166,7 +167,7 @@ func TestMirrorReadRacesMunmap(t *testing.T) {
 		}
 	})
 	rng := rand.New(rand.NewPCG(2, 2))
-	for range iterations(300, 60) {
+	for range testmain.Iterations(300, 60) {
 		i := rng.Uint64N(pages)
 		require.NoError(t, mm.Munmap(base+i*page, page))
 		runtime.Gosched()

@@ -1,6 +1,7 @@
 package gomm_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"testing"
 	"time"
 
@@ -112,7 +113,7 @@ func TestCPUsWriteWhileKSMScans(t *testing.T) {
 	require.NoError(t, mm.Madvise(addr, 2*pages*page, gomm.MadvMergeable))
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
 	stop := m.StartKSM(time.Millisecond, 64)
-	writeWhile(t, m, mm, addr, pages, iterations(300, 60),
+	writeWhile(t, m, mm, addr, pages, testmain.Iterations(300, 60),
 		func(r, i int) uint64 { return uint64(r / 8) }, // the same on every page for a while: mergeable
 		func(r int) error {
 			m.KSMScan(2 * pages)

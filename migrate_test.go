@@ -1,6 +1,7 @@
 package gomm_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -112,7 +113,7 @@ func TestCPUsWriteWhileMigrationRuns(t *testing.T) {
 	require.NoError(t, err)
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
 	var migrated atomic.Int64
-	writeWhile(t, m, mm, addr, pages, iterations(400, 80),
+	writeWhile(t, m, mm, addr, pages, testmain.Iterations(400, 80),
 		func(r, i int) uint64 { return uint64(r<<16 | i) },
 		func(r int) error {
 			va := addr + uint64(r%(2*pages))*page

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -274,7 +275,7 @@ func TestRegistrationRacesAnUnmapStorm(t *testing.T) {
 	// subscriber has seen an invalidation, so the race really happened.
 	seen := int32(0)
 	var subs []*wellNested
-	for i := 0; i < iterations(100, 20) || seen == 0; i++ {
+	for i := 0; i < testmain.Iterations(100, 20) || seen == 0; i++ {
 		w := &wellNested{open: map[*notifier.Range]bool{}}
 		s, err := mm.RegisterNotifier(context.Background(), w)
 		require.NoError(t, err)

@@ -1,6 +1,7 @@
 package gomm_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"testing"
 
 	"github.com/gomm-dev/gomm"
@@ -163,7 +164,7 @@ func TestCPUsWriteWhileReclaimRuns(t *testing.T) {
 	addr, err := mm.Mmap(0, 2*pages*page, rw, anon)
 	require.NoError(t, err)
 	dev := newMirror(t, m, mm, addr, 2*pages*page)
-	writeWhile(t, m, mm, addr, pages, iterations(300, 60),
+	writeWhile(t, m, mm, addr, pages, testmain.Iterations(300, 60),
 		func(r, i int) uint64 { return uint64(r<<16 | i) },
 		func(r int) error {
 			m.Reclaim(32)

@@ -105,14 +105,7 @@ func (g *Gather) RemovePage(f *physmem.Frame) (mustFlush bool) {
 func (g *Gather) RemoveTables(ts ...pagetable.FreedTable) {
 	for _, t := range ts {
 		g.tables = append(g.tables, t)
-		size := uint64(pagetable.HugeSize)
-		switch t.Level {
-		case pagetable.LevelPMD:
-			size = 1 << 30
-		case pagetable.LevelPUD:
-			size = 1 << 39
-		}
-		g.start, g.end = min(g.start, t.VA), max(g.end, t.VA+size)
+		g.start, g.end = min(g.start, t.VA), max(g.end, t.End())
 		g.freedTables = true
 	}
 }

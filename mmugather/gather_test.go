@@ -1,6 +1,7 @@
 package mmugather_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -216,10 +217,7 @@ func concurrentZap(t *testing.T, rng *rand.Rand) []check.Violation {
 // fix: with it, no stale translation survives either madvise; with it
 // switched off, the checker catches the one the May 2019 thread found.
 func TestConcurrentGathersRace(t *testing.T) {
-	rounds := 200
-	if testing.Short() {
-		rounds = 50
-	}
+	rounds := testmain.Iterations(200, 50)
 	rng := rand.New(rand.NewPCG(2019, 5))
 	for range rounds {
 		require.Empty(t, concurrentZap(t, rng), "with the fix")

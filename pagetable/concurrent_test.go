@@ -1,6 +1,7 @@
 package pagetable
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"math/rand/v2"
 	"runtime"
 	"sync"
@@ -18,13 +19,6 @@ import (
 // base it is 512-aligned, and a huge leaf translates every page in it to
 // pfnFor of that page.
 func pfnFor(va uint64) uint64 { return va>>PageShift + 512*1000 }
-
-func iterations(full, short int) int {
-	if testing.Short() {
-		return short
-	}
-	return full
-}
 
 // TestLocklessWalkersVsWritersAndFreeing runs the hardware walker, inside
 // lockless sections, against writers that map and unmap 4 KiB and 2 MiB
@@ -110,8 +104,11 @@ func TestLocklessWalkersVsWritersAndFreeing(t *testing.T) {
 		}
 	})
 
-	rounds := iterations(1000, 150)
-	for r := range rounds {
+	// The freer runs its rounds, and on until walkers have found mappings
+	// and tables were freed under them: on one core, or a loaded
+	// machine, the other goroutines may not have run yet.
+	rounds := testmain.Iterations(1000, 150)
+	for r := 0; r < rounds || hits.Load() == 0 || freedTables.Load() == 0; r++ {
 		mmapLock.Lock()
 		zap := uint64(r%4) * HugeSize
 		if _, err := tb.UnmapRange(zap, zap+HugeSize, nil); err != nil {
@@ -125,6 +122,7 @@ func TestLocklessWalkersVsWritersAndFreeing(t *testing.T) {
 			f.Poison()
 		}
 		freedTables.Add(int64(len(freed)))
+		runtime.Gosched()
 	}
 	stop.Store(true)
 	wg.Wait()
@@ -228,6 +226,9 @@ func dirtyBitRace(t *testing.T, rounds int) (lost int) {
 				wrote.Store(r)
 			}
 			ack.Store(r)
+			if ack.Load() == round.Load() {
+				runtime.Gosched() // nothing new to race: let the clearer on
+			}
 		}
 	})
 	for r := uint64(1); r <= uint64(rounds); r++ {
@@ -238,7 +239,7 @@ func dirtyBitRace(t *testing.T, rounds int) (lost int) {
 		require.NoError(t, err)
 		round.Store(r + 1)
 		for ack.Load() <= r {
-			// Wait until the walker finished every walk of round r.
+			runtime.Gosched() // until the walker finished every walk of round r
 		}
 		if wrote.Load() == r && !old.IsDirty() {
 			lost++
@@ -255,7 +256,7 @@ func dirtyBitRace(t *testing.T, rounds int) (lost int) {
 // and its store (placed there deterministically) loses the dirty bit every
 // time.
 func TestAtomicClearKeepsDirtyBit(t *testing.T) {
-	rounds := iterations(20000, 5000)
+	rounds := testmain.Iterations(20000, 5000)
 	assert.Zero(t, dirtyBitRace(t, rounds), "atomic clear lost a dirty bit")
 
 	testNonAtomicClear = true
@@ -306,7 +307,7 @@ func TestSplitNeverUnmapsForWalkers(t *testing.T) {
 			}
 		})
 	}
-	for range iterations(300, 60) {
+	for range testmain.Iterations(300, 60) {
 		mapping.RLock()
 		s, _, err := tb.LockPMD(base, false)
 		require.NoError(t, err)
@@ -338,7 +339,7 @@ func TestConcurrentMapsKeepCounts(t *testing.T) {
 	var wg sync.WaitGroup
 	for g := range 4 {
 		wg.Go(func() {
-			for i := range iterations(3000, 500) {
+			for i := range testmain.Iterations(3000, 500) {
 				va := uint64((g*97+i*31)%Entries) << PageShift
 				if i%3 == 2 {
 					_, _ = tb.Unmap(va)

@@ -149,6 +149,18 @@ type FreedTable struct {
 	pud   *pudTable
 }
 
+// End returns the end of the range the table covered: 2 MiB for a PTE
+// table, 1 GiB for a PMD table, 512 GiB for a PUD table.
+func (f FreedTable) End() uint64 {
+	switch f.Level {
+	case LevelPMD:
+		return f.VA + pudSize
+	case LevelPUD:
+		return f.VA + pgdSize
+	}
+	return f.VA + HugeSize
+}
+
 // poisonPMD is what every slot of a poisoned PUD table points at: a PMD
 // table whose entries are all PoisonPTE, so a walker that descends through
 // a poisoned PUD trips over poison one level down.

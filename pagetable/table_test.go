@@ -410,6 +410,8 @@ func TestFreeEmptyRespectsBounds(t *testing.T) {
 	// The first PMD table still holds the table at 0: only the leaf-level
 	// tables and the empty PMD table of the second GiB go.
 	assert.Equal(t, []string{"PTE table at 0x200000", "PTE table at 0x40000000", "PMD table at 0x40000000"}, got)
+	assert.Equal(t, []uint64{2 * HugeSize, gib + HugeSize, 2 * gib}, []uint64{freed[0].End(), freed[1].End(), freed[2].End()},
+		"each covered its level's span")
 	st := tb.Stats()
 	assert.Equal(t, int64(1), st.PTETables)
 	assert.Equal(t, int64(1), st.PMDTables)

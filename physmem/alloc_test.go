@@ -1,6 +1,7 @@
 package physmem
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"sync"
 	"testing"
 	"unsafe"
@@ -180,10 +181,7 @@ func TestConcurrentGetPut(t *testing.T) {
 	freedCount := map[PFN]int{}
 	defer a.OnFree(func(f *Frame) { freeMu.Lock(); freedCount[f.PFN()]++; freeMu.Unlock() })()
 
-	rounds := 200
-	if testing.Short() {
-		rounds = 40
-	}
+	rounds := testmain.Iterations(200, 40)
 	for range rounds {
 		held := make([]*Frame, 0, frames)
 		for range frames {

@@ -61,7 +61,6 @@ func TestPageLockExcludesAndWakes(t *testing.T) {
 	assert.Zero(t, bad.Load())
 	assert.False(t, f.IsLocked())
 	assert.Panics(t, f.Unlock)
-	locks.ClearLockdepViolations() // the misuse above is not what this test checks
 }
 
 func TestPageLockSleepsUntilUnlock(t *testing.T) {
@@ -191,24 +190,30 @@ func TestCopyAndZero(t *testing.T) {
 }
 
 // TestConcurrentByteWritesNeverTear has goroutines write interleaved
-// single bytes of the same words: the compare-and-swap merge must keep
-// every byte.
+// single bytes of the same words, all released at once, round after
+// round: the compare-and-swap merge must keep every byte.
 func TestConcurrentByteWritesNeverTear(t *testing.T) {
 	a := newAlloc(t, 1)
 	f, _ := a.Alloc()
-	var wg sync.WaitGroup
-	for g := range 8 {
-		wg.Go(func() {
-			for off := g; off < 512; off += 8 {
-				_, err := f.WriteAt([]byte{byte(g + 1)}, off)
-				assert.NoError(t, err)
-			}
-		})
-	}
-	wg.Wait()
-	buf := make([]byte, 512)
-	_, _ = f.ReadAt(buf, 0)
-	for off, b := range buf {
-		require.Equal(t, byte(off%8+1), b, "byte %d", off)
+	buf := make([]byte, PageSize)
+	for round := range 100 {
+		require.NoError(t, f.Zero())
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Go(func() {
+				<-start
+				for off := g; off < PageSize; off += 8 {
+					_, err := f.WriteAt([]byte{byte(g + 1)}, off)
+					assert.NoError(t, err)
+				}
+			})
+		}
+		close(start)
+		wg.Wait()
+		_, _ = f.ReadAt(buf, 0)
+		for off, b := range buf {
+			require.Equal(t, byte(off%8+1), b, "round %d byte %d", round, off)
+		}
 	}
 }

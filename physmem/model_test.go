@@ -3,6 +3,8 @@ package physmem
 import (
 	"encoding/binary"
 	"errors"
+	"maps"
+	"slices"
 	"testing"
 
 	"pgregory.net/rapid"
@@ -19,22 +21,9 @@ func (m *allocModel) allocated(t *rapid.T) *Frame {
 	if len(m.refs) == 0 {
 		t.Skip("nothing allocated")
 	}
-	pfns := make([]PFN, 0, len(m.refs))
-	for p := range m.refs {
-		pfns = append(pfns, p)
-	}
-	p := rapid.SampledFrom(sortPFNs(pfns)).Draw(t, "pfn")
+	p := rapid.SampledFrom(slices.Sorted(maps.Keys(m.refs))).Draw(t, "pfn")
 	f, _ := m.a.Frame(p)
 	return f
-}
-
-func sortPFNs(p []PFN) []PFN {
-	for i := 1; i < len(p); i++ {
-		for j := i; j > 0 && p[j] < p[j-1]; j-- {
-			p[j], p[j-1] = p[j-1], p[j]
-		}
-	}
-	return p
 }
 
 func (m *allocModel) Alloc(t *rapid.T) {

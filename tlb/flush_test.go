@@ -1,6 +1,7 @@
 package tlb_test
 
 import (
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"github.com/gomm-dev/gomm/internal/testrig"
 	"sync"
 	"sync/atomic"
@@ -269,7 +270,7 @@ func TestConcurrentAccessUnmapAndFree(t *testing.T) {
 			}
 		})
 	}
-	for i := range iterationsFor(2000, 300) {
+	for i := range testmain.Iterations(2000, 300) {
 		va := 0x100000 + uint64(i%pages)<<pagetable.PageShift
 		a.UnmapPage(va, true)
 	}
@@ -278,11 +279,4 @@ func TestConcurrentAccessUnmapAndFree(t *testing.T) {
 	assert.Empty(t, r.Violations())
 	assert.Zero(t, poisoned.Load(), "a CPU read a freed frame")
 	assert.Positive(t, r.Chk.Checks())
-}
-
-func iterationsFor(full, short int) int {
-	if testing.Short() {
-		return short
-	}
-	return full
 }

@@ -43,3 +43,12 @@ func WithoutLockdep(b *testing.B) {
 		b.Cleanup(locks.EnableLockdep)
 	}
 }
+
+// Iterations returns full, or short under -short: how long a stress or
+// soak loop runs.
+func Iterations(full, short int) int {
+	if testing.Short() {
+		return short
+	}
+	return full
+}
