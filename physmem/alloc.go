@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -48,6 +49,9 @@ type Stats struct {
 	Allocs    uint64 // successful allocations
 	Frees     uint64 // frames freed (last reference dropped)
 	Failures  uint64 // allocations refused for lack of frames
+	// Huge allocations (AllocHuge) made and refused for lack of a free
+	// aligned block.
+	HugeAllocs, HugeFailures uint64
 	BadPuts   uint64 // Get or Put on a free frame
 	BadStates uint64 // frames freed while mapped or locked
 }
@@ -65,7 +69,8 @@ const (
 type frameChunk []Frame
 
 // Allocator is the machine's physical memory: a fixed number of frames
-// (mm/page_alloc.c, with one zone and order-0 pages only). The Frame
+// (mm/page_alloc.c, with one zone, order-0 pages and aligned
+// blocks of HugeFrames). The Frame
 // structs themselves (the memmap) are created a chunk at a time on first
 // use.
 //
@@ -74,16 +79,29 @@ type Allocator struct {
 	nframes int
 	chunks  []atomic.Pointer[frameChunk] // created on first use, under mu
 
-	mu    sync.Mutex
-	free  []uint32 // PFNs of freed frames, a LIFO stack; protected by mu
-	fresh int      // frames below this PFN have been handed out once; protected by mu
+	// The free frames below fresh are those whose bit is set in freeBits.
+	// The stack free holds their PFNs, most recently freed on top; it may
+	// also hold stale PFNs (frames AllocHuge took without popping them),
+	// which Alloc skips and compactFree drops.
+	mu         sync.Mutex
+	free       []uint32 // PFNs of freed frames, a LIFO stack; protected by mu
+	fresh      int      // frames below this PFN have been handed out once; protected by mu
+	freeBits   []uint64 // a bit per PFN below fresh: free; protected by mu
+	blockFree  []uint16 // free frames per HugeFrames block below fresh; protected by mu
+	nfree      int      // bits set in freeBits; protected by mu
+	fullBlocks int      // blocks whose every frame is free; protected by mu
 
 	hookMu sync.Mutex                  // serialises OnFree registration
 	hooks  atomic.Pointer[[]hookEntry] // copy-on-write; read on every free
 	hookID uint64                      // protected by hookMu
 
 	allocs, frees, failures, badPuts, badStates atomic.Uint64
+	hugeAllocs, hugeFailures                    atomic.Uint64
 }
+
+// HugeFrames is the size of a huge allocation in frames: 512, one 2 MiB
+// page (HPAGE_PMD_NR).
+const HugeFrames = 512
 
 // New returns an allocator of the given number of frames, all free.
 func New(frames int) (*Allocator, error) {
@@ -135,16 +153,12 @@ func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
 // mapping and zero contents. Out of frames it returns ErrNoMem.
 func (a *Allocator) Alloc() (*Frame, error) {
 	a.mu.Lock()
-	var pfn uint32
-	switch n := len(a.free); {
-	case n > 0:
-		// The most recently freed frame first: cache-hot, and the quickest
-		// to expose a stale translation to it.
-		pfn = a.free[n-1]
-		a.free = a.free[:n-1]
+	pfn, ok := a.popFree()
+	switch {
+	case ok:
 	case a.fresh < a.nframes:
 		pfn = uint32(a.fresh)
-		a.fresh++
+		a.advanceFresh(a.fresh + 1)
 	default:
 		a.mu.Unlock()
 		a.failures.Add(1)
@@ -157,6 +171,149 @@ func (a *Allocator) Alloc() (*Frame, error) {
 	f.refcount.Store(1)
 	a.allocs.Add(1)
 	return f, nil
+}
+
+// AllocHuge takes HugeFrames free frames with consecutive PFNs, the first
+// a multiple of HugeFrames (alloc_pages of HPAGE_PMD_ORDER, without
+// compaction), and returns the first. Each frame is as Alloc returns it:
+// one reference, no flags, zero contents; each is freed on its own by the
+// Put of its last reference. Without a wholly free aligned block it
+// returns ErrNoMem and takes nothing: the caller falls back to single
+// frames, as a THP fault does.
+func (a *Allocator) AllocHuge() (*Frame, error) {
+	a.mu.Lock()
+	head, ok := a.takeFullBlock()
+	if !ok && a.fresh < a.nframes {
+		// The block fresh is in, if its frames below fresh are all free.
+		if base := a.fresh &^ (HugeFrames - 1); base < a.fresh && base+HugeFrames <= a.nframes &&
+			int(a.blockFree[base/HugeFrames])+base+HugeFrames-a.fresh == HugeFrames {
+			a.freeFresh(base + HugeFrames)
+			head, ok = a.takeFullBlock()
+		}
+	}
+	if !ok {
+		// The first aligned block of never-used frames; those skipped to
+		// reach it become free.
+		if start := (a.fresh + HugeFrames - 1) &^ (HugeFrames - 1); start+HugeFrames <= a.nframes {
+			a.freeFresh(start)
+			a.advanceFresh(start + HugeFrames)
+			head, ok = uint32(start), true
+		}
+	}
+	a.mu.Unlock()
+	if !ok {
+		a.hugeFailures.Add(1)
+		return nil, fmt.Errorf("physmem: no free aligned block of %d frames: %w", HugeFrames, ErrNoMem)
+	}
+	for pfn := head; pfn < head+HugeFrames; pfn++ {
+		f := a.frame(pfn)
+		f.data.Store(nil)
+		f.refcount.Store(1)
+	}
+	a.allocs.Add(HugeFrames)
+	a.hugeAllocs.Add(1)
+	return a.frame(head), nil
+}
+
+// popFree takes the most recently freed frame off the stack, skipping
+// stale entries. Called with mu held.
+func (a *Allocator) popFree() (uint32, bool) {
+	for n := len(a.free); n > 0; n-- {
+		pfn := a.free[n-1]
+		a.free = a.free[:n-1]
+		if a.freeBits[pfn/64]&(1<<(pfn%64)) != 0 {
+			a.takeBit(pfn)
+			return pfn, true
+		}
+	}
+	return 0, false
+}
+
+// takeFullBlock takes every frame of a wholly free block, leaving their
+// stack entries stale. Called with mu held.
+func (a *Allocator) takeFullBlock() (uint32, bool) {
+	if a.fullBlocks == 0 {
+		return 0, false
+	}
+	for b, n := range a.blockFree {
+		if n != HugeFrames {
+			continue
+		}
+		head := uint32(b * HugeFrames)
+		for pfn := head; pfn < head+HugeFrames; pfn++ {
+			a.takeBit(pfn)
+		}
+		return head, true
+	}
+	panic("physmem: fullBlocks counts a block that is not there")
+}
+
+// pushFree puts a frame below fresh on the free stack. Called with mu
+// held.
+func (a *Allocator) pushFree(pfn uint32) {
+	a.free = append(a.free, pfn)
+	a.freeBits[pfn/64] |= 1 << (pfn % 64)
+	a.nfree++
+	b := pfn / HugeFrames
+	if a.blockFree[b]++; a.blockFree[b] == HugeFrames {
+		a.fullBlocks++
+	}
+	if len(a.free) > 2*a.nfree+HugeFrames {
+		a.compactFree()
+	}
+}
+
+func (a *Allocator) takeBit(pfn uint32) {
+	a.freeBits[pfn/64] &^= 1 << (pfn % 64)
+	a.nfree--
+	b := pfn / HugeFrames
+	if a.blockFree[b] == HugeFrames {
+		a.fullBlocks--
+	}
+	a.blockFree[b]--
+}
+
+// compactFree drops the stale entries from the free stack, keeping the
+// newest entry of each free frame in its place in the order. Called with
+// mu held.
+func (a *Allocator) compactFree() {
+	kept := a.free[:0]
+	seen := make(map[uint32]struct{}, a.nfree)
+	for i := len(a.free) - 1; i >= 0; i-- {
+		pfn := a.free[i]
+		if a.freeBits[pfn/64]&(1<<(pfn%64)) == 0 {
+			continue
+		}
+		if _, dup := seen[pfn]; dup {
+			continue
+		}
+		seen[pfn] = struct{}{}
+		kept = append(kept, pfn)
+	}
+	slices.Reverse(kept)
+	a.free = kept
+}
+
+// freeFresh puts the never-used frames from fresh up to n on the free
+// stack. Called with mu held.
+func (a *Allocator) freeFresh(n int) {
+	from := a.fresh
+	a.advanceFresh(n)
+	for pfn := from; pfn < n; pfn++ {
+		a.pushFree(uint32(pfn))
+	}
+}
+
+// advanceFresh moves fresh up to n, growing the free bitmaps to cover it.
+// Called with mu held.
+func (a *Allocator) advanceFresh(n int) {
+	a.fresh = n
+	for len(a.freeBits)*64 < n {
+		a.freeBits = append(a.freeBits, 0)
+	}
+	for len(a.blockFree)*HugeFrames < n {
+		a.blockFree = append(a.blockFree, 0)
+	}
 }
 
 // Get takes another reference to a frame the caller already holds one to,
@@ -224,7 +381,7 @@ func (a *Allocator) free1(f *Frame) error {
 	a.frees.Add(1)
 
 	a.mu.Lock()
-	a.free = append(a.free, f.pfn)
+	a.pushFree(f.pfn)
 	a.mu.Unlock()
 	return nil
 }
@@ -263,7 +420,7 @@ func (a *Allocator) OnFree(fn FreeHook) (remove func()) {
 // Stats returns a snapshot of the allocator's counters.
 func (a *Allocator) Stats() Stats {
 	a.mu.Lock()
-	free := len(a.free) + a.nframes - a.fresh
+	free := a.nfree + a.nframes - a.fresh
 	a.mu.Unlock()
 	return Stats{
 		Frames:    a.nframes,
@@ -273,6 +430,9 @@ func (a *Allocator) Stats() Stats {
 		Failures:  a.failures.Load(),
 		BadPuts:   a.badPuts.Load(),
 		BadStates: a.badStates.Load(),
+
+		HugeAllocs:   a.hugeAllocs.Load(),
+		HugeFailures: a.hugeFailures.Load(),
 	}
 }
 

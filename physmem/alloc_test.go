@@ -235,3 +235,32 @@ func TestHugeRAMCostsOnlyWhatIsUsed(t *testing.T) {
 	}
 	assert.Equal(t, 2, created)
 }
+
+// Blocks taken by AllocHuge leave stale entries on the free stack; a
+// cycle of huge allocations and frees must not let them pile up.
+func TestAllocHugeKeepsFreeStackBounded(t *testing.T) {
+	a, err := New(4 * HugeFrames)
+	require.NoError(t, err)
+	for range 200 {
+		head, err := a.AllocHuge()
+		require.NoError(t, err)
+		for p := head.PFN(); p < head.PFN()+HugeFrames; p++ {
+			f, _ := a.Frame(p)
+			require.NoError(t, a.Put(f))
+		}
+		require.LessOrEqual(t, len(a.free), 2*a.nfree+HugeFrames+1)
+	}
+	require.Equal(t, 4*HugeFrames, a.Stats().Free)
+	// Every frame is still handed out exactly once.
+	seen := map[PFN]bool{}
+	for range 4 * HugeFrames {
+		f, err := a.Alloc()
+		require.NoError(t, err)
+		require.False(t, seen[f.PFN()], "pfn %d twice", f.PFN())
+		seen[f.PFN()] = true
+	}
+	_, err = a.Alloc()
+	require.ErrorIs(t, err, ErrNoMem)
+	_, err = a.AllocHuge()
+	require.ErrorIs(t, err, ErrNoMem)
+}

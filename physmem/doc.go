@@ -23,7 +23,18 @@
 // free hooks run (the checker verifies there that no TLB still maps the
 // frame), the data is poisoned so that a stale reader sees PoisonWord, the
 // generation is bumped so that (PFN, Gen) names one lifetime, and the frame
-// returns to the free list. Get or Put on a free frame (use after free,
+// returns to the free list.
+//
+// AllocHuge hands out HugeFrames (512) frames with consecutive PFNs from
+// an aligned block, for a transparent huge page. They are not a compound
+// page: each keeps its own reference and map count and is freed by its
+// own last Put, so splitting a huge mapping into 4 KiB ones changes no
+// frame's accounting. The allocator tracks how many frames of each block
+// are free, so a wholly free block is found without compaction; there is
+// no compaction, and a huge allocation that finds no such block fails at
+// once, as a THP fault's opportunistic allocation does.
+//
+// Get or Put on a free frame (use after free,
 // double free) is refused with ErrFreed and counted, never absorbed; a free
 // of a frame that is still mapped or locked is reported as ErrBadState.
 //

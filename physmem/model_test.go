@@ -44,6 +44,67 @@ func (m *allocModel) Alloc(t *rapid.T) {
 	m.words[f.PFN()] = 0
 }
 
+// AllocHuge must succeed exactly when some aligned block is wholly free.
+func (m *allocModel) AllocHuge(t *rapid.T) {
+	possible := false
+	for b := 0; b+HugeFrames <= m.a.Frames() && !possible; b += HugeFrames {
+		possible = true
+		for p := b; p < b+HugeFrames; p++ {
+			if _, held := m.refs[PFN(p)]; held {
+				possible = false
+				break
+			}
+		}
+	}
+	f, err := m.a.AllocHuge()
+	if !possible {
+		if !errors.Is(err, ErrNoMem) {
+			t.Fatalf("huge alloc with no free block: %v", err)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("huge alloc with a free block: %v", err)
+	}
+	if f.PFN()%HugeFrames != 0 {
+		t.Fatalf("huge block at unaligned pfn %d", f.PFN())
+	}
+	for p := f.PFN(); p < f.PFN()+HugeFrames; p++ {
+		if _, dup := m.refs[p]; dup {
+			t.Fatalf("pfn %d handed out twice", p)
+		}
+		m.refs[p] = 1
+		m.words[p] = 0
+	}
+}
+
+// PutBlock drops every frame of an allocated block at once, as a zapped
+// huge mapping does.
+func (m *allocModel) PutBlock(t *rapid.T) {
+	var heads []PFN
+	for p := range m.refs {
+		if p%HugeFrames == 0 && int(p)+HugeFrames <= m.a.Frames() {
+			heads = append(heads, p)
+		}
+	}
+	if len(heads) == 0 {
+		t.Skip("no block head allocated")
+	}
+	slices.Sort(heads)
+	head := rapid.SampledFrom(heads).Draw(t, "head")
+	for p := head; p < head+HugeFrames; p++ {
+		if m.refs[p] != 1 {
+			continue
+		}
+		f, _ := m.a.Frame(p)
+		if err := m.a.Put(f); err != nil {
+			t.Fatal(err)
+		}
+		delete(m.refs, p)
+		delete(m.words, p)
+	}
+}
+
 func (m *allocModel) Get(t *rapid.T) {
 	f := m.allocated(t)
 	if err := m.a.Get(f); err != nil {
@@ -106,7 +167,11 @@ func (m *allocModel) Check(t *rapid.T) {
 
 func TestAllocatorStateMachine(t *testing.T) {
 	rapid.Check(t, func(t *rapid.T) {
-		a, err := New(rapid.IntRange(1, 8).Draw(t, "frames"))
+		frames := rapid.IntRange(1, 8).Draw(t, "frames")
+		if rapid.Bool().Draw(t, "huge") {
+			frames = rapid.IntRange(HugeFrames-1, 3*HugeFrames+7).Draw(t, "hugeFrames")
+		}
+		a, err := New(frames)
 		if err != nil {
 			t.Fatal(err)
 		}
