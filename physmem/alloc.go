@@ -44,16 +44,16 @@ type hookEntry struct {
 
 // Stats are an allocator's counters. Every field is a count since New.
 type Stats struct {
-	Frames    int    // RAM size, in frames
-	Free      int    // frames on the free list now
-	Allocs    uint64 // successful allocations
-	Frees     uint64 // frames freed (last reference dropped)
-	Failures  uint64 // allocations refused for lack of frames
+	Frames   int    // RAM size, in frames
+	Free     int    // frames on the free list now
+	Allocs   uint64 // successful allocations
+	Frees    uint64 // frames freed (last reference dropped)
+	Failures uint64 // allocations refused for lack of frames
 	// Huge allocations (AllocHuge) made and refused for lack of a free
 	// aligned block.
 	HugeAllocs, HugeFailures uint64
-	BadPuts   uint64 // Get or Put on a free frame
-	BadStates uint64 // frames freed while mapped or locked
+	BadPuts                  uint64 // Get or Put on a free frame
+	BadStates                uint64 // frames freed while mapped or locked
 }
 
 // chunkShift sizes the chunks in which frames are created: 16384 frames
