@@ -231,9 +231,34 @@ func (s PMDSlot) WriteProtect() PTE {
 	return PTE(s.pmd.entries[s.slot].And(^uint64(Write)))
 }
 
+// Deposit sets a PTE table aside for the slot (pgtable_trans_huge_deposit),
+// so that splitting a huge leaf there, or installing a PTE table, takes it
+// instead of allocating: a split that reclaim or an munmap needs then
+// cannot fail for lack of memory. The table counts as a PTE table in
+// Stats from now on; it stays with the slot until used, or until
+// FreeEmpty frees the slot's tables. A slot that already holds a deposit
+// or a PTE table needs none, and Deposit does nothing.
+func (s PMDSlot) Deposit() error {
+	if s.HasTable() || s.pmd.deposit[s.slot] != nil {
+		return nil
+	}
+	if err := s.t.allocate(LevelPTE); err != nil {
+		return err
+	}
+	if s.pmd.deposit == nil {
+		s.pmd.deposit = make(map[int]*ptePage)
+	}
+	s.pmd.deposit[s.slot] = new(ptePage)
+	return nil
+}
+
+// HasDeposit reports whether a PTE table is set aside for the slot.
+func (s PMDSlot) HasDeposit() bool { return s.pmd.deposit[s.slot] != nil }
+
 // Split replaces a present huge leaf by a PTE table of 512 entries
 // mapping the same frames with the same bits (__split_huge_pmd_locked,
-// without the TLB flush, which is the caller's). Accessed and Dirty set by
+// without the TLB flush, which is the caller's). It uses the slot's
+// deposited table if there is one, and cannot fail then. Accessed and Dirty set by
 // the walker during the split reach every new entry. A slot without a
 // present leaf is ErrInvalid.
 func (s PMDSlot) Split() error {
@@ -241,10 +266,10 @@ func (s PMDSlot) Split() error {
 	if !e.IsHuge() {
 		return fmt.Errorf("pagetable: split %#x: %v is not a huge leaf: %w", s.base, e, ErrInvalid)
 	}
-	if err := s.t.allocate(LevelPTE); err != nil {
+	page, err := s.t.depositedOrNew(s.pmd, s.slot)
+	if err != nil {
 		return err
 	}
-	page := new(ptePage)
 	small := e.Without(Huge)
 	for i := range page {
 		page[i].Store(uint64(small.WithPFN(e.PFN() + uint64(i))))

@@ -237,6 +237,10 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	defer pmd.lock.Unlock()
 	page := pmd.next[i].Load()
 	if page == nil {
+		if dep := pmd.deposit[i]; dep != nil && pmd.entries[i].Load() == 0 {
+			delete(pmd.deposit, i)
+			freed = t.freeDeposit(base, dep, freed)
+		}
 		return freed
 	}
 	pmd.ptl[i].Lock()
@@ -252,6 +256,14 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	return append(freed, FreedTable{Level: LevelPTE, VA: base, pte: page})
 }
 
+// freeDeposit hands out a deposited PTE table no leaf needs any more.
+// Nobody can have walked it, but it goes the way of every freed table.
+func (t *Table) freeDeposit(base uint64, dep *ptePage, freed []FreedTable) []FreedTable {
+	t.tables[LevelPTE].Add(-1)
+	t.freed.Add(1)
+	return append(freed, FreedTable{Level: LevelPTE, VA: base, pte: dep})
+}
+
 func (t *Table) freePMDTable(pud *pudTable, i int, base uint64, freed []FreedTable) []FreedTable {
 	t.lock.Lock()
 	defer t.lock.Unlock()
@@ -264,6 +276,10 @@ func (t *Table) freePMDTable(pud *pudTable, i int, base uint64, freed []FreedTab
 	if pmd.count != 0 {
 		return freed
 	}
+	for slot, dep := range pmd.deposit {
+		freed = t.freeDeposit(base+uint64(slot)*HugeSize, dep, freed)
+	}
+	pmd.deposit = nil
 	pmd.dead = true
 	pud.next[i].Store(nil)
 	pud.present.clear(i)

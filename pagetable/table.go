@@ -101,6 +101,10 @@ type pmdTable struct {
 	lock    locks.SpinLock                   // the split PMD lock: installs, removals, leaves
 	count   int                              // populated slots; protected by lock
 	dead    bool                             // unlinked from its PUD; protected by lock
+	// deposit holds PTE tables set aside for splitting the huge leaves of
+	// their slots (pgtable_trans_huge_deposit), so that a split never
+	// allocates; nil until the first Deposit. Protected by lock.
+	deposit map[int]*ptePage
 }
 
 // pudTable is a PUD table; every populated slot is a PMD table.
@@ -307,13 +311,27 @@ func (t *Table) installPTE(pmd *pmdTable, i int) error {
 	if pmd.dead || pmd.entries[i].Load() != 0 || pmd.next[i].Load() != nil {
 		return nil
 	}
-	if err := t.allocate(LevelPTE); err != nil {
+	page, err := t.depositedOrNew(pmd, i)
+	if err != nil {
 		return err
 	}
-	pmd.next[i].Store(new(ptePage))
+	pmd.next[i].Store(page)
 	pmd.present.set(i)
 	pmd.count++
 	return nil
+}
+
+// depositedOrNew withdraws the table deposited for pmd's slot i, or
+// allocates one; the caller holds pmd's lock.
+func (t *Table) depositedOrNew(pmd *pmdTable, i int) (*ptePage, error) {
+	if page := pmd.deposit[i]; page != nil {
+		delete(pmd.deposit, i)
+		return page, nil
+	}
+	if err := t.allocate(LevelPTE); err != nil {
+		return nil, err
+	}
+	return new(ptePage), nil
 }
 
 // notePoison counts a read of a poisoned entry.

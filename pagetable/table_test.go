@@ -483,3 +483,67 @@ func TestLevelAndFaultStrings(t *testing.T) {
 	assert.True(t, Canonical(kernelBase))
 	assert.False(t, Canonical(1<<47))
 }
+
+// A deposited table makes a later split, or a PTE table at the slot,
+// need no allocation, and FreeEmpty gives it back once the leaf is gone.
+func TestDepositedTable(t *testing.T) {
+	failing := false
+	tb := New(Options{AllocHook: func(Level) error {
+		if failing {
+			return errors.New("injected")
+		}
+		return nil
+	}})
+	const va = 4 * HugeSize
+	s, _, err := tb.LockPMD(va, true)
+	require.NoError(t, err)
+	require.NoError(t, s.Deposit())
+	require.True(t, s.HasDeposit())
+	require.NoError(t, s.Deposit(), "a second deposit is a no-op")
+	_, err = s.Set(rw(512).With(Huge))
+	require.NoError(t, err)
+	s.Unlock()
+	assert.EqualValues(t, 1, tb.Stats().PTETables, "the deposit counts as a PTE table")
+
+	failing = true
+	s, _, _ = tb.LockPMD(va, false)
+	require.NoError(t, s.Split(), "the split takes the deposit and allocates nothing")
+	assert.False(t, s.HasDeposit())
+	s.Unlock()
+	e, level := tb.Lookup(va + 7*PageSize)
+	assert.Equal(t, LevelPTE, level)
+	assert.EqualValues(t, 512+7, e.PFN())
+	assert.EqualValues(t, 1, tb.Stats().PTETables)
+
+	// Empty the split table: FreeEmpty frees it like any other.
+	_, err = tb.UnmapRange(va, va+HugeSize, nil)
+	require.NoError(t, err)
+	freed, err := tb.FreeEmpty(va, va+HugeSize, nil)
+	require.NoError(t, err)
+	require.Len(t, freed, 1)
+	assert.Zero(t, tb.Stats().PTETables)
+
+	// A deposit whose leaf was zapped unsplit goes back with FreeEmpty too,
+	// and one at a slot that gets a PTE table is used for it.
+	failing = false
+	for _, base := range []uint64{va, va + HugeSize} {
+		s, _, err = tb.LockPMD(base, true)
+		require.NoError(t, err)
+		require.NoError(t, s.Deposit())
+		s.Unlock()
+	}
+	_, err = tb.UnmapHuge(va)
+	require.NoError(t, err)
+	failing = true
+	require.NoError(t, tb.Map(va+HugeSize, rw(3)), "the PTE table comes from the deposit")
+	assert.EqualValues(t, 2, tb.Stats().PTETables)
+	_, err = tb.Unmap(va + HugeSize)
+	require.NoError(t, err)
+	freed, err = tb.FreeEmpty(0, 1<<30, nil)
+	require.NoError(t, err)
+	assert.Len(t, freed, 3, "two PTE tables (one a deposit) and the PMD table")
+	assert.Zero(t, tb.Stats().PTETables)
+	for _, f := range freed {
+		f.Poison()
+	}
+}
