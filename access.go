@@ -1,6 +1,7 @@
 package gomm
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/gomm-dev/gomm/pagetable"
@@ -67,22 +68,45 @@ func (mm *MM) getPage(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 		if err := mm.faultLocked(v, va, acc); err != nil {
 			return nil, err
 		}
-		pt, ok, err := mm.table.LockPTE(va)
+		f, err := mm.mappedPage(va, acc&pagetable.AccessWrite != 0)
 		if err != nil {
 			return nil, err
 		}
-		if !ok {
-			continue
+		if f != nil {
+			return f, nil
 		}
-		e := pt.Get(pt.Index(va))
-		if e.IsPresent() && (acc&pagetable.AccessWrite == 0 || e.IsWritable()) {
-			f, ferr := mm.m.ram.Frame(physmem.PFN(e.PFN()))
-			if ferr == nil && mm.m.ram.TryGet(f) {
-				pt.Unlock()
-				return f, nil
-			}
-		}
-		pt.Unlock()
 	}
 	return nil, fmt.Errorf("gomm: %v at %#x: page keeps going away: %w", acc, va, ErrFault)
+}
+
+// mappedPage takes a reference on the frame mapped at va, 4 KiB entry or
+// huge leaf, if the entry allows the access; nil if not. The entry's lock
+// is held meanwhile, so the frame cannot be freed and reused in between.
+func (mm *MM) mappedPage(va uint64, write bool) (*physmem.Frame, error) {
+	var e pagetable.PTE
+	pt, ok, err := mm.table.LockPTE(va)
+	switch {
+	case errors.Is(err, pagetable.ErrBusy):
+		s, sok, serr := mm.table.LockPMD(va, false)
+		if serr != nil || !sok {
+			return nil, serr
+		}
+		defer s.Unlock()
+		e = s.Get()
+	case err != nil:
+		return nil, err
+	case !ok:
+		return nil, nil
+	default:
+		defer pt.Unlock()
+		e = pt.Get(pt.Index(va))
+	}
+	if !e.IsPresent() || write && !e.IsWritable() {
+		return nil, nil
+	}
+	f, err := mm.m.ram.Frame(physmem.PFN(e.PFNAt(va)))
+	if err != nil || !mm.m.ram.TryGet(f) {
+		return nil, nil
+	}
+	return f, nil
 }

@@ -22,7 +22,8 @@ type place struct {
 // CheckRmap verifies the reverse maps of the given MMs, which must be
 // every live MM of the machine, against their page tables (the
 // kernel's CONFIG_DEBUG_VM checks, made exhaustive): each frame's map
-// count equals the entries that map it; a walk from each mapped frame
+// count equals the entries that map it (a huge leaf maps each of its
+// 512 frames once, and holds a deposited table for its split); a walk from each mapped frame
 // finds every place that maps it; every page-cache frame mapped is
 // still cached; and each swap slot's count equals the entries that name
 // it. Call it when nothing else runs on the machine; it returns every
@@ -38,6 +39,20 @@ func (m *Machine) CheckRmap(mms ...*MM) error {
 		mm.mmapLock.RLock()
 		for v := range mm.vmas.all {
 			_ = mm.table.Range(v.Start, v.End, pagetable.RangeFuncs{
+				PMD: func(s pagetable.PMDSlot) bool {
+					e := s.Get()
+					if !e.IsHuge() || e&pagetable.Special != 0 {
+						return true
+					}
+					if !s.HasDeposit() {
+						bad("mm %d: huge leaf at %#x without a deposited table", mm.ID(), s.Base())
+					}
+					for i := range uint64(pagetable.Entries) {
+						va := s.Base() + i*PageSize
+						maps_[e.PFN()+i] = append(maps_[e.PFN()+i], place{mm.space(), va})
+					}
+					return true
+				},
 				PTEs: func(pt pagetable.PTETable, first, last int) bool {
 					for i := first; i < last; i++ {
 						e := pt.Get(i)

@@ -1,6 +1,7 @@
 package gomm
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 
@@ -41,8 +42,21 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 	mm.faults.Add(1)
 	page := va &^ (PageSize - 1)
 	write := acc&pagetable.AccessWrite != 0
+	if _, level := mm.table.Lookup(page); level != pagetable.LevelPTE && mm.hugeEligible(v, page) {
+		if handled, err := mm.hugeFault(v, page, write); handled || err != nil {
+			return err
+		}
+	}
 	for {
 		pt, err := mm.allocLockPTE(page)
+		if errors.Is(err, pagetable.ErrBusy) {
+			// A huge leaf maps the page.
+			handled, herr := mm.hugeFault(v, page, write)
+			if handled || herr != nil {
+				return herr
+			}
+			continue
+		}
 		if err != nil {
 			return err
 		}

@@ -11,7 +11,8 @@ import (
 
 // Fork creates a child address space that is a copy-on-write duplicate of
 // mm (dup_mmap with copy_page_range): the same VMAs; every anonymous page
-// shared by both, write-protected in both, each mapping holding its own
+// (a huge page as a whole, copy_huge_pmd) shared by both, write-protected
+// in both, each mapping holding its own
 // reference and counted in the frame's map count; the zero page shared as
 // it is. The parent's TLBs are flushed of the write right before Fork
 // returns, and its subscribers see a ProtectionPage invalidation of each
@@ -80,9 +81,24 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 	var ferr error
 	err := mm.table.Range(start, end, pagetable.RangeFuncs{
 		PMD: func(s pagetable.PMDSlot) bool {
-			// Anonymous memory here is never mapped huge; split anything
-			// that is, so the copy below sees 4 KiB entries.
-			if s.Get().IsHuge() {
+			e := s.Get()
+			switch {
+			case !e.IsHuge():
+			case e&pagetable.Special != 0:
+				batch = append(batch, entry{va: s.Base(), e: e})
+			case v.anonymous() && !v.shared():
+				// copy_huge_pmd: both sides share the huge page,
+				// write-protected, each frame counting both mappings.
+				if ferr = mm.m.dupHuge(e); ferr != nil {
+					return false
+				}
+				e = s.WriteProtect().Without(pagetable.Write)
+				batch = append(batch, entry{va: s.Base(), e: e})
+				mm.m.thp.copiedOnFork.Add(1)
+			default:
+				// Only private anonymous memory is mapped huge by
+				// faults; a leaf anywhere else is split, so the copy
+				// below sees 4 KiB entries.
 				ferr = s.Split()
 			}
 			return ferr == nil
@@ -130,6 +146,15 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 		err = ferr
 	}
 	for k, c := range batch {
+		if c.e.IsHuge() {
+			if aerr := child.installHuge(c.va, c.e); aerr != nil {
+				for _, rest := range batch[k:] {
+					child.dropCopied(rest.e)
+				}
+				return aerr
+			}
+			continue
+		}
 		pt, aerr := child.table.AllocLockPTE(c.va)
 		if aerr != nil {
 			// The child cannot take the rest: give back what it would
@@ -148,8 +173,8 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 	return err
 }
 
-// dropCopied gives back the reference and mapping a copied entry would
-// have held.
+// dropCopied gives back the references and mappings a copied entry
+// would have held.
 func (mm *MM) dropCopied(e pagetable.PTE) {
 	if !e.IsPresent() {
 		mm.m.zapEntry(e)
@@ -158,8 +183,57 @@ func (mm *MM) dropCopied(e pagetable.PTE) {
 	if e&pagetable.Special != 0 {
 		return
 	}
-	if f, err := mm.m.ram.Frame(physmem.PFN(e.PFN())); err == nil {
-		f.DecMapCount()
-		_ = mm.m.ram.Put(f)
+	n := uint64(1)
+	if e.IsHuge() {
+		n = pagetable.Entries
 	}
+	for i := range n {
+		if f, err := mm.m.ram.Frame(physmem.PFN(e.PFN() + i)); err == nil {
+			f.DecMapCount()
+			_ = mm.m.ram.Put(f)
+		}
+	}
+}
+
+// dupHuge takes a reference and a map count on every frame of the huge
+// leaf e, for a second mapping of it; all or nothing.
+func (m *Machine) dupHuge(e pagetable.PTE) error {
+	for i := range uint64(pagetable.Entries) {
+		f, err := m.ram.Frame(physmem.PFN(e.PFN() + i))
+		if err == nil {
+			err = m.ram.Get(f)
+		}
+		if err != nil {
+			for j := range i {
+				g, _ := m.ram.Frame(physmem.PFN(e.PFN() + j))
+				g.DecMapCount()
+				_ = m.ram.Put(g)
+			}
+			return err
+		}
+		f.IncMapCount()
+	}
+	return nil
+}
+
+// installHuge puts the copied huge leaf e at base, with a deposited table
+// for its later split; a Special leaf (a PFN map) needs none.
+func (mm *MM) installHuge(base uint64, e pagetable.PTE) error {
+	s, _, err := mm.table.LockPMD(base, true)
+	if err != nil {
+		return err
+	}
+	defer s.Unlock()
+	if e&pagetable.Special == 0 {
+		if err := s.Deposit(); err != nil {
+			return err
+		}
+	}
+	if _, err := s.Set(e); err != nil {
+		return err
+	}
+	if e&pagetable.Special == 0 {
+		mm.rss.Add(pagetable.Entries)
+	}
+	return nil
 }

@@ -19,7 +19,7 @@ func frameAt(t *testing.T, m *gomm.Machine, mm *gomm.MM, va uint64) *physmem.Fra
 	t.Helper()
 	e, _ := mm.Table().Lookup(va)
 	require.True(t, e.IsPresent(), "%#x not mapped", va)
-	f, err := m.RAM().Frame(physmem.PFN(e.PFN()))
+	f, err := m.RAM().Frame(physmem.PFN(e.PFNAt(va)))
 	require.NoError(t, err)
 	return f
 }

@@ -1,6 +1,7 @@
 package gomm
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -127,7 +128,7 @@ func (mm *MM) unmergeLocked(start, end uint64) error {
 			if !e.IsPresent() || e&pagetable.Special != 0 {
 				break
 			}
-			f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+			f, err := mm.m.ram.Frame(physmem.PFN(e.PFNAt(va)))
 			if err != nil || !f.Has(physmem.FlagKSM) {
 				break
 			}
@@ -213,6 +214,15 @@ func (k *ksm) next() (ksmKey, *physmem.Frame, bool) {
 	var found uint64
 	var e pagetable.PTE
 	_ = mm.table.Range(from, v.End, pagetable.RangeFuncs{
+		PMD: func(s pagetable.PMDSlot) bool {
+			// A huge page is scanned a 4 KiB page at a time; a merge
+			// splits its leaf (write_protect_page).
+			if x := s.Get(); x.IsHuge() && x&pagetable.Special == 0 {
+				found, e = max(from, s.Base()), x
+				return false
+			}
+			return true
+		},
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
 				if x := pt.Get(i); x.IsPresent() && x&pagetable.Special == 0 {
@@ -229,7 +239,7 @@ func (k *ksm) next() (ksmKey, *physmem.Frame, bool) {
 	}
 	k.cursorVA = found + PageSize
 	key := ksmKey{mm, found}
-	f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+	f, err := mm.m.ram.Frame(physmem.PFN(e.PFNAt(found)))
 	if err != nil || !mm.m.ram.TryGet(f) {
 		return key, nil, true
 	}
@@ -426,7 +436,7 @@ func (mm *MM) pageAt(va uint64) *physmem.Frame {
 	if !e.IsPresent() || e&pagetable.Special != 0 {
 		return nil
 	}
-	f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+	f, err := mm.m.ram.Frame(physmem.PFN(e.PFNAt(va)))
 	if err != nil || !mm.m.ram.TryGet(f) {
 		return nil
 	}
@@ -491,6 +501,11 @@ func (mm *MM) writeProtectPage(v *vma, va uint64, f *physmem.Frame) (pagetable.P
 	r := mm.invalidateStart(va, va+PageSize, notifier.EventClear)
 	defer mm.invalidateEnd(r)
 	pt, ok, err := mm.table.LockPTE(va)
+	if errors.Is(err, pagetable.ErrBusy) && mm.splitHuge(va) == nil {
+		// A page of a huge page: only its own entry is protected, and
+		// later replaced.
+		pt, ok, err = mm.table.LockPTE(va)
+	}
 	if err != nil || !ok {
 		return 0, false
 	}

@@ -43,6 +43,9 @@ type Config struct {
 	// SwapSlots is the size of the swap device in pages; 0 means no
 	// swap, so anonymous memory is never reclaimed (file pages still are).
 	SwapSlots int
+	// THP says when anonymous memory is mapped with 2 MiB leaves; the
+	// default, THPMadvise, maps them only where MadvHugePage asked.
+	THP THPMode
 	// Check turns the invariant checker on: every frame free and every
 	// downgrade is verified against every TLB. Off, it costs nothing.
 	Check bool
@@ -63,6 +66,7 @@ type Machine struct {
 	lru       *lru
 	reclaimed reclaimCounters
 	ksm       *ksm
+	thp       thpCounters
 }
 
 // NewMachine builds a machine.
@@ -75,6 +79,9 @@ func NewMachine(cfg Config) (*Machine, error) {
 	}
 	if cfg.Frames < 2 {
 		return nil, fmt.Errorf("gomm: %d frames: %w", cfg.Frames, ErrInvalid)
+	}
+	if cfg.THP < THPMadvise || cfg.THP > THPNever {
+		return nil, fmt.Errorf("gomm: %v: %w", cfg.THP, ErrInvalid)
 	}
 	ram, err := physmem.New(cfg.Frames)
 	if err != nil {
@@ -103,7 +110,7 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.rmapEnv = rmap.Env{RAM: ram, TLB: m.sys, Check: m.chk}
+	m.rmapEnv = rmap.Env{RAM: ram, TLB: m.sys, Check: m.chk, OnSplit: func() { m.thp.splitPMD.Add(1) }}
 	if m.swap != nil {
 		m.rmapEnv.Swap = m.swap
 	}
@@ -147,6 +154,7 @@ type Stats struct {
 	Reclaim ReclaimStats
 	Swap    SwapStats
 	LRU     struct{ Inactive, Active int }
+	THP     THPStats
 	// AnonVMAs is how many anon_vmas are live.
 	AnonVMAs int64
 	Checks   uint64 // invariant checks run
@@ -155,7 +163,7 @@ type Stats struct {
 // Stats returns a snapshot of the machine's counters.
 func (m *Machine) Stats() Stats {
 	st := Stats{TLB: m.sys.Stats(), RAM: m.ram.Stats(), Reclaim: m.reclaimed.snapshot(), Swap: m.swap.stats(),
-		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks()}
+		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks(), THP: m.thp.snapshot()}
 	st.LRU.Inactive, st.LRU.Active = m.lru.lens()
 	return st
 }

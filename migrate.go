@@ -129,7 +129,7 @@ func (mm *MM) MovePages(addrs []uint64) (int, error) {
 			errs = append(errs, fmt.Errorf("gomm: move page at %#x: nothing mapped: %w", va, ErrFault))
 			continue
 		}
-		if _, err := mm.m.Migrate(e.PFN(), mm); err != nil {
+		if _, err := mm.m.Migrate(e.PFNAt(va), mm); err != nil {
 			errs = append(errs, fmt.Errorf("gomm: move page at %#x: %w", va, err))
 			continue
 		}

@@ -66,22 +66,33 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 // [start, end) (mlock_folio / munlock_folio), taking them off the LRU or
 // putting them back.
 func (mm *MM) markLocked(start, end uint64, lock bool) {
+	mark := func(pfn uint64) {
+		f, err := mm.m.ram.Frame(physmem.PFN(pfn))
+		if err != nil {
+			return
+		}
+		if lock {
+			f.SetFlags(physmem.FlagMlocked)
+			mm.m.lru.del(f)
+		} else if f.TestAndClearFlag(physmem.FlagMlocked) {
+			mm.m.lru.add(f, false)
+		}
+	}
 	_ = mm.table.Range(start, end, pagetable.RangeFuncs{
+		PMD: func(s pagetable.PMDSlot) bool {
+			// The VMA split at the range's edges split any huge leaf
+			// they cut, so a leaf here lies wholly inside.
+			if e := s.Get(); e.IsHuge() && e&pagetable.Special == 0 {
+				for i := range uint64(pagetable.Entries) {
+					mark(e.PFN() + i)
+				}
+			}
+			return true
+		},
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
-				e := pt.Get(i)
-				if !e.IsPresent() || e&pagetable.Special != 0 {
-					continue
-				}
-				f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
-				if err != nil {
-					continue
-				}
-				if lock {
-					f.SetFlags(physmem.FlagMlocked)
-					mm.m.lru.del(f)
-				} else if f.TestAndClearFlag(physmem.FlagMlocked) {
-					mm.m.lru.add(f, false)
+				if e := pt.Get(i); e.IsPresent() && e&pagetable.Special == 0 {
+					mark(e.PFN())
 				}
 			}
 			return true
@@ -111,7 +122,7 @@ func (m *Machine) Mappers(pfn uint64) ([]Mapper, error) {
 	f.Lock()
 	defer f.Unlock()
 	rmap.Walk(f, &rmap.Control{Visit: func(v *rmap.VMA, addr uint64) bool {
-		if e, _ := v.Space.Table().Lookup(addr); e.IsPresent() && e.PFN() == pfn {
+		if e, _ := v.Space.Table().Lookup(addr); e.IsPresent() && e.PFNAt(addr) == pfn {
 			out = append(out, Mapper{MM: (*MM)(v.Space.(*space)), Addr: addr})
 		}
 		return true

@@ -137,7 +137,8 @@ func (mm *MM) VMAs() []VMA {
 	var out []VMA
 	mm.vmas.all(func(v *vma) bool {
 		d := VMA{Start: v.Start, End: v.End, Prot: v.prot, Shared: v.shared(), File: v.file,
-			Locked: v.Flags()&rmap.VMLocked != 0, Mergeable: v.Flags()&rmap.VMMergeable != 0}
+			Locked: v.Flags()&rmap.VMLocked != 0, Mergeable: v.Flags()&rmap.VMMergeable != 0,
+			HugePage: v.Flags()&rmap.VMHugePage != 0, NoHugePage: v.Flags()&rmap.VMNoHugePage != 0}
 		if v.file != nil {
 			d.Offset = v.PgOff * PageSize
 		}

@@ -4,9 +4,9 @@ import (
 	"fmt"
 
 	"github.com/gomm-dev/gomm/notifier"
-
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
+	"github.com/gomm-dev/gomm/rmap"
 )
 
 // Mprotect changes the protection of [addr, addr+length) (mprotect(2)).
@@ -96,24 +96,39 @@ func (mm *MM) changeProtection(start, end uint64, prot Prot) {
 // out. A split keeps every translation, so a failure here leaves nothing
 // to undo.
 func (mm *MM) splitPartialHuge(start, end uint64) error {
-	var err error
 	for _, edge := range []uint64{start, end} {
-		base := edge &^ (pagetable.HugeSize - 1)
-		if base == edge {
-			continue
-		}
-		s, ok, lerr := mm.table.LockPMD(base, false)
-		if lerr != nil || !ok {
-			continue
-		}
-		if s.Get().IsHuge() {
-			err = s.Split()
-		}
-		s.Unlock()
-		if err != nil {
-			return fmt.Errorf("gomm: splitting the huge page at %#x: %w", base, err)
+		if err := mm.splitHugeAt(edge); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// splitHugeAt splits the huge leaf around addr unless addr is its first
+// page (split_huge_pmd_address).
+func (mm *MM) splitHugeAt(addr uint64) error {
+	if addr&(pagetable.HugeSize-1) == 0 {
+		return nil
+	}
+	return mm.splitHuge(addr)
+}
+
+// splitHuge splits the huge leaf mapping addr, if one does
+// (split_huge_pmd).
+func (mm *MM) splitHuge(addr uint64) error {
+	base := addr &^ (pagetable.HugeSize - 1)
+	s, ok, err := mm.table.LockPMD(base, false)
+	if err != nil || !ok {
+		return nil
+	}
+	defer s.Unlock()
+	if !s.Get().IsHuge() {
+		return nil
+	}
+	if err := s.Split(); err != nil {
+		return fmt.Errorf("gomm: splitting the huge page at %#x: %w", base, err)
+	}
+	mm.m.thp.splitPMD.Add(1)
 	return nil
 }
 
@@ -130,6 +145,8 @@ const (
 	MadvFree        Advice = 8
 	MadvMergeable   Advice = 12
 	MadvUnmergeable Advice = 13
+	MadvHugePage    Advice = 14
+	MadvNoHugePage  Advice = 15
 )
 
 // Madvise gives advice about [addr, addr+length) (madvise(2)). The range
@@ -147,6 +164,11 @@ const (
 //     MadvUnmergeable takes the flag away and gives every merged page of
 //     the range back a private copy (file and shared mappings are left
 //     alone by both, as in Linux).
+//   - MadvHugePage lets faults in the range's private anonymous memory
+//     map whole aligned 2 MiB ranges with one huge leaf when the machine's
+//     THP mode is THPMadvise (VM_HUGEPAGE); MadvNoHugePage forbids it
+//     whatever the mode (VM_NOHUGEPAGE). Each clears the other; huge
+//     pages already mapped stay.
 //   - MadvNormal, MadvRandom, MadvSequential and MadvWillNeed are accepted
 //     and change nothing (there is no readahead to tune).
 func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
@@ -158,6 +180,10 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 	case MadvNormal, MadvRandom, MadvSequential, MadvWillNeed, MadvDontNeed, MadvFree:
 	case MadvMergeable, MadvUnmergeable:
 		return mm.setMergeable(start, end, advice == MadvMergeable)
+	case MadvHugePage:
+		return mm.setVMAFlags("madvise", start, end, rmap.VMHugePage, rmap.VMNoHugePage)
+	case MadvNoHugePage:
+		return mm.setVMAFlags("madvise", start, end, rmap.VMNoHugePage, rmap.VMHugePage)
 	default:
 		return fmt.Errorf("gomm: madvise advice %d: %w", advice, ErrInvalid)
 	}
@@ -172,6 +198,23 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 	case MadvFree:
 		mm.lazyFree(start, end)
 	}
+	return nil
+}
+
+// setVMAFlags sets and clears VMA flags over [start, end), which must be
+// mapped without holes, splitting VMAs at the edges and merging what the
+// change made alike.
+func (mm *MM) setVMAFlags(op string, start, end uint64, set, clear rmap.VMFlags) error {
+	mm.mmapLock.Lock()
+	defer mm.mmapLock.Unlock()
+	if err := mm.checkMapped(op, start, end); err != nil {
+		return err
+	}
+	for _, v := range mm.isolate(start, end) {
+		v.ClearFlags(clear)
+		v.SetFlags(set)
+	}
+	mm.mergeAround(start, end)
 	return nil
 }
 

@@ -95,6 +95,8 @@ type VMA struct {
 	Offset     uint64 // byte offset into File of Start
 	Locked     bool   // mlocked
 	Mergeable  bool   // KSM may merge its pages
+	HugePage   bool   // MadvHugePage: transparent huge pages wanted
+	NoHugePage bool   // MadvNoHugePage: transparent huge pages refused
 }
 
 func (v VMA) String() string {

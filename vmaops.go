@@ -84,6 +84,12 @@ func (mm *MM) splitAt(addr uint64) {
 	if v == nil || v.Start == addr {
 		return
 	}
+	// A huge leaf cannot span two VMAs (vma_adjust_trans_huge). The
+	// leaves faults make have deposited tables, so this split cannot
+	// fail; a leaf mapped through Table() without one may, and stays
+	// whole: operations that act on part of it split it themselves first
+	// and fail cleanly if they cannot.
+	_ = mm.splitHugeAt(addr)
 	tail := v.dup(mm)
 	tail.Start, tail.PgOff = addr, v.Index(addr)
 	_ = mm.m.anonVMAs.Clone(&tail.VMA, &v.VMA) // tail is fresh: cannot fail

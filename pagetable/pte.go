@@ -70,6 +70,15 @@ func (e PTE) IsYoung() bool { return e&Accessed != 0 }
 // IsDirty reports whether the dirty bit is set (pte_dirty).
 func (e PTE) IsDirty() bool { return e&Dirty != 0 }
 
+// PFNAt returns the frame the present leaf e maps at va: its own frame
+// for a 4 KiB entry, the one at va's offset for a 2 MiB leaf.
+func (e PTE) PFNAt(va uint64) uint64 {
+	if e.IsHuge() {
+		return e.PFN() + va>>PageShift&(Entries-1)
+	}
+	return e.PFN()
+}
+
 // IsHuge reports whether a present entry is a 2 MiB leaf (pmd_trans_huge).
 func (e PTE) IsHuge() bool { return e&(Present|Huge) == Present|Huge }
 

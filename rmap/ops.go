@@ -1,6 +1,8 @@
 package rmap
 
 import (
+	"errors"
+
 	"github.com/gomm-dev/gomm/internal/check"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
@@ -15,6 +17,8 @@ type Env struct {
 	TLB   *tlb.System
 	Swap  SwapRefs
 	Check *check.Checker // nil when off
+	// OnSplit, if set, is told of every huge leaf an operation split.
+	OnSplit func()
 }
 
 // SwapRefs counts the references to swap slots (swap_duplicate): each
@@ -25,9 +29,15 @@ type SwapRefs interface {
 
 // mappedAt locks the PTE table of addr in v's space and returns it with
 // the entry's index if that entry maps p; ok is false (nothing locked)
-// otherwise.
-func mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i int, e pagetable.PTE, ok bool) {
+// otherwise. A huge leaf mapping p there is split first
+// (split_huge_pmd_address, as TTU_SPLIT_HUGE_PMD asks), so the caller
+// acts on p's own entry; the split keeps every translation and uses the
+// leaf's deposited table, so it needs neither a flush nor memory.
+func (env *Env) mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i int, e pagetable.PTE, ok bool) {
 	pt, ok, err := v.Space.Table().LockPTE(addr)
+	if errors.Is(err, pagetable.ErrBusy) && env.splitHuge(v, addr, p) {
+		pt, ok, err = v.Space.Table().LockPTE(addr)
+	}
 	if err != nil || !ok {
 		return pt, 0, 0, false
 	}
@@ -38,6 +48,28 @@ func mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i i
 		return pt, 0, 0, false
 	}
 	return pt, i, e, true
+}
+
+// splitHuge splits the huge leaf at addr in v's space if it maps p.
+func (env *Env) splitHuge(v *VMA, addr uint64, p *physmem.Frame) bool {
+	s, ok, err := v.Space.Table().LockPMD(addr, false)
+	if err != nil || !ok {
+		return false
+	}
+	defer s.Unlock()
+	if e := s.Get(); !hugeMaps(e, p) || s.Split() != nil {
+		return false
+	}
+	if env.OnSplit != nil {
+		env.OnSplit()
+	}
+	return true
+}
+
+// hugeMaps reports whether e is a huge leaf with p among its frames.
+func hugeMaps(e pagetable.PTE, p *physmem.Frame) bool {
+	pfn := uint64(p.PFN())
+	return e.IsHuge() && pfn >= e.PFN() && pfn < e.PFN()+pagetable.Entries
 }
 
 // startRange opens a blockable invalidation of one page of v's space.
@@ -99,7 +131,7 @@ func (env *Env) TryToUnmap(p *physmem.Frame, tryLock bool) UnmapResult {
 			}
 			r := startRange(v, addr, notifier.EventClear, nil)
 			defer endRange(v, r)
-			pt, i, _, ok := mappedAt(v, addr, p)
+			pt, i, _, ok := env.mappedAt(v, addr, p)
 			if !ok {
 				return true
 			}
@@ -153,7 +185,7 @@ func (env *Env) Mkclean(p *physmem.Frame) (dirty bool) {
 		}
 		r := startRange(v, addr, notifier.EventProtectionPage, nil)
 		defer endRange(v, r)
-		pt, i, e, ok := mappedAt(v, addr, p)
+		pt, i, e, ok := env.mappedAt(v, addr, p)
 		if !ok {
 			return true
 		}
@@ -184,14 +216,8 @@ func (env *Env) Referenced(p *physmem.Frame, tryLock bool) (refs int, mlocked, c
 			mlocked = true
 			return false
 		}
-		young := false
-		if pt, i, _, ok := mappedAt(v, addr, p); ok {
-			if pt.TestAndClearYoung(i) {
-				young = true
-				env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
-			}
-			pt.Unlock()
-		} else {
+		young, mapped := env.testClearYoung(v, addr, p)
+		if !mapped {
 			return true // not mapped here: secondary MMUs mirror only what is
 		}
 		if v.Space.Notifiers().ClearFlushYoung(addr, addr+pageSize) {
@@ -204,6 +230,44 @@ func (env *Env) Referenced(p *physmem.Frame, tryLock bool) (refs int, mlocked, c
 	}}
 	contended = Walk(p, c)
 	return refs, mlocked, contended
+}
+
+// testClearYoung clears the accessed bit of the entry mapping p at addr
+// in v's space, flushing it if it was set so the next access sets it
+// again. A huge leaf is aged as a whole, without a split
+// (pmdp_clear_flush_young): its bit says whether any of its pages was
+// touched.
+func (env *Env) testClearYoung(v *VMA, addr uint64, p *physmem.Frame) (young, mapped bool) {
+	t := v.Space.Table()
+	pt, ok, err := t.LockPTE(addr)
+	if errors.Is(err, pagetable.ErrBusy) {
+		s, ok, _ := t.LockPMD(addr, false)
+		if !ok {
+			return false, false
+		}
+		defer s.Unlock()
+		if !hugeMaps(s.Get(), p) {
+			return false, false
+		}
+		if s.TestAndClearYoung() {
+			env.TLB.FlushRange(v.Space.Context(), s.Base(), s.Base()+pagetable.HugeSize, pagetable.HugeShift, false)
+			return true, true
+		}
+		return false, true
+	}
+	if err != nil || !ok {
+		return false, false
+	}
+	defer pt.Unlock()
+	i := pt.Index(addr)
+	if e := pt.Get(i); !e.IsPresent() || e.PFN() != uint64(p.PFN()) {
+		return false, false
+	}
+	if pt.TestAndClearYoung(i) {
+		env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
+		return true, true
+	}
+	return false, true
 }
 
 // TryToMigrate replaces every mapping of p with a migration entry
@@ -219,7 +283,7 @@ func (env *Env) TryToMigrate(p *physmem.Frame, owner any) int {
 		Visit: func(v *VMA, addr uint64) bool {
 			r := startRange(v, addr, notifier.EventMigrate, owner)
 			defer endRange(v, r)
-			pt, i, _, ok := mappedAt(v, addr, p)
+			pt, i, _, ok := env.mappedAt(v, addr, p)
 			if !ok {
 				return true
 			}

@@ -37,6 +37,11 @@ const (
 	VMMergeable
 	// VMWrite: the protection allows writing (VM_WRITE).
 	VMWrite
+	// VMHugePage: MADV_HUGEPAGE asked for transparent huge pages
+	// (VM_HUGEPAGE).
+	VMHugePage
+	// VMNoHugePage: MADV_NOHUGEPAGE refused them (VM_NOHUGEPAGE).
+	VMNoHugePage
 )
 
 // VMA is the reverse-map side of a vm_area_struct: where it is, its page
