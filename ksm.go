@@ -298,13 +298,25 @@ func (k *ksm) scanOne(m *Machine, key ksmKey, f *physmem.Frame) {
 			_ = m.ram.Put(tf)
 			continue
 		}
-		if rnode, ok := other.mm.ksmMerge(other.va, tf, nil); ok {
-			node := &stableNode{rnode: rnode, frame: tf, sum: sum}
+		// One of the two becomes the KSM page and the other is merged
+		// into it: the candidate first, else this page (a page mapped
+		// more than once cannot become the KSM page).
+		pair := [2]struct {
+			key ksmKey
+			f   *physmem.Frame
+		}{{other, tf}, {key, f}}
+		for _, order := range [2][2]int{{0, 1}, {1, 0}} {
+			a, b := pair[order[0]], pair[order[1]]
+			rnode, ok := a.key.mm.ksmMerge(a.key.va, a.f, nil)
+			if !ok {
+				continue
+			}
+			node := &stableNode{rnode: rnode, frame: a.f, sum: sum}
 			k.stable[sum] = append(k.stable[sum], node)
-			k.items[other].node = node
+			k.items[a.key].node = node
 			k.unstable[sum] = slices.Delete(k.unstable[sum], i, i+1)
-			if _, ok := key.mm.ksmMerge(key.va, f, tf); ok {
-				it.node = node
+			if _, ok := b.key.mm.ksmMerge(b.key.va, b.f, a.f); ok {
+				k.items[b.key].node = node
 				k.stats.Merges++
 			}
 			_ = m.ram.Put(tf)
@@ -462,6 +474,13 @@ func (mm *MM) ksmMerge(va uint64, f, kpage *physmem.Frame) (*rmap.StableNode, bo
 	f.Lock()
 	defer f.Unlock()
 	if !f.Has(physmem.FlagAnon) || f.Has(physmem.FlagKSM) || f.Has(physmem.FlagSwapCache) {
+		return nil, false
+	}
+	if kpage == nil && f.MapCount() != 1 {
+		// Shared with a fork: its other mappings may lie in VMAs the
+		// stable node's walk cannot reach (an ancestor's, or one that is
+		// not mergeable), and a KSM page must be reachable from every
+		// place it is mapped. It can still be merged into another.
 		return nil, false
 	}
 	orig, ok := mm.writeProtectPage(v, va, f)

@@ -130,3 +130,58 @@ func TestCPUsWriteWhileKSMScans(t *testing.T) {
 	require.NoError(t, dev.close())
 	require.NoError(t, mm.Exit())
 }
+
+// A KSM page mapped at several addresses of one MM goes to swap as one
+// slot; swapped back in, it is a plain anonymous page, which one
+// address can map: the others get copies (ksm_might_need_to_copy), or
+// the reverse map would miss them.
+func TestKSMPageSwappedInAtSeveralAddresses(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 1024, SwapSlots: 256})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0x1000_0000, 4*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	require.NoError(t, mm.Madvise(addr, 4*page, gomm.MadvMergeable))
+	for i := range uint64(4) {
+		writeWord(t, mm, addr+i*page, 42)
+	}
+	m.KSMScan(100)
+	m.KSMScan(100)
+	require.Equal(t, 3, m.KSMStats().PagesSharing, "four addresses, one KSM page")
+	for range 3 {
+		m.Reclaim(1000)
+	}
+	require.Zero(t, mm.RSS())
+	for i := range uint64(4) {
+		assert.Equal(t, uint64(42), readWord(t, mm, addr+i*page))
+		require.NoError(t, m.CheckRmap(mm))
+	}
+	require.NoError(t, mm.Exit())
+}
+
+// A page a fork shares with a parent whose VMA is not mergeable cannot
+// become the KSM page (the stable node's walk would not reach the
+// parent's mapping); its twin becomes it and the shared page is merged
+// into that.
+func TestKSMSharedWithParentIsNotTheKSMPage(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1})
+	parent := m.NewMM()
+	addr, err := parent.Mmap(0x1000_0000, 2*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	writeWord(t, parent, addr, 42)
+	child, err := parent.Fork()
+	require.NoError(t, err)
+	writeWord(t, child, addr+page, 42) // the twin, private to the child
+	require.NoError(t, child.Madvise(addr, 2*page, gomm.MadvMergeable))
+	shared := frameAt(t, m, parent, addr)
+	m.KSMScan(100)
+	m.KSMScan(100)
+	st := m.KSMStats()
+	assert.Equal(t, 1, st.PagesShared)
+	assert.Equal(t, 1, st.PagesSharing)
+	assert.False(t, shared.Has(physmem.FlagKSM), "the page the parent maps stays anonymous")
+	assert.True(t, frameAt(t, m, child, addr).Has(physmem.FlagKSM))
+	require.NoError(t, m.CheckRmap(parent, child))
+	assert.Equal(t, uint64(42), readWord(t, parent, addr))
+	require.NoError(t, child.Exit())
+	require.NoError(t, parent.Exit())
+}

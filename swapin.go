@@ -48,10 +48,11 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 		}
 	}
 	defer f.Unlock()
-	if mm.foreignAnon(v, f) {
-		// A KSM page, or one of another anon_vma family (the page was
-		// merged while it was mapped here): this VMA's walk could not
-		// find it, so it gets a copy of its own (ksm_might_need_to_copy).
+	if mm.foreignAnon(v, page, f) {
+		// A KSM page, one of another anon_vma family (the page was
+		// merged while it was mapped here), or one brought back for
+		// another address: this VMA's walk could not find it here, so
+		// it gets a copy of its own (ksm_might_need_to_copy).
 		cp, err := mm.allocAnon(v, page, f)
 		_ = mm.m.ram.Put(f) // the swap cache still holds it
 		if err != nil {
@@ -108,14 +109,16 @@ func (m *Machine) waitMigration(e pagetable.PTE) {
 }
 
 // foreignAnon reports whether the locked swap-cache frame f has a
-// mapping v's reverse map cannot reach: a KSM stable node, or an
-// anon_vma of another family.
-func (mm *MM) foreignAnon(v *vma, f *physmem.Frame) bool {
-	switch m, _ := f.Mapping(); m := m.(type) {
+// mapping v's reverse map cannot reach at page: a KSM stable node, an
+// anon_vma of another family, or another index (a swapped-out KSM page
+// comes back as a plain anonymous page, which can be mapped at one
+// address only).
+func (mm *MM) foreignAnon(v *vma, page uint64, f *physmem.Frame) bool {
+	switch m, idx := f.Mapping(); m := m.(type) {
 	case *rmap.StableNode:
 		return true
 	case *rmap.AnonVMA:
-		return m.Root() != mm.anonVMA(v).Root()
+		return m.Root() != mm.anonVMA(v).Root() || idx != v.Index(page)
 	}
 	return false
 }

@@ -35,12 +35,15 @@ func Run(m *testing.M) {
 }
 
 // WithoutLockdep turns the lock-order checker off for the rest of one
-// benchmark: the tests of the binary run with it on, and it costs a stack
-// capture per lock operation, which would swamp what is measured.
-func WithoutLockdep(b *testing.B) {
+// benchmark, or of one long sequential test whose lock paths other tests
+// cover with it on: it costs a stack capture per lock operation, which
+// would swamp what is measured, or make a state-machine test too slow
+// to run enough steps. Never use it in a test that runs in parallel
+// with others.
+func WithoutLockdep(tb testing.TB) {
 	if locks.LockdepEnabled() {
 		locks.DisableLockdep()
-		b.Cleanup(locks.EnableLockdep)
+		tb.Cleanup(locks.EnableLockdep)
 	}
 }
 
