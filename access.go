@@ -21,6 +21,31 @@ func (mm *MM) WriteAt(p []byte, va uint64) (int, error) {
 	return mm.access(p, va, pagetable.AccessWrite)
 }
 
+// GetUserPage returns the frame mapped at va with a reference held,
+// faulting it in first if needed, for a write (breaking copy-on-write)
+// when write is set (get_user_pages_unlocked of one page, without
+// FOLL_PIN). The reference keeps the frame from being freed, not from
+// being unmapped, swapped or migrated away: a driver that keeps the
+// translation after dropping it must drop it again when an invalidation
+// covers va, which is what KVM does. Drop the reference with
+// m.RAM().Put. An address outside every mapping, or one whose protection
+// forbids the access, is ErrFault; an exited MM is ErrClosed.
+func (mm *MM) GetUserPage(va uint64, write bool) (*physmem.Frame, error) {
+	if va >= TaskSize {
+		return nil, fmt.Errorf("gomm: get user page at %#x: %w", va, ErrFault)
+	}
+	acc := pagetable.AccessRead
+	if write {
+		acc = pagetable.AccessWrite
+	}
+	mm.mmapLock.RLock()
+	defer mm.mmapLock.RUnlock()
+	if err := mm.checkOpen(); err != nil {
+		return nil, err
+	}
+	return mm.getPage(va, acc)
+}
+
 func (mm *MM) access(p []byte, va uint64, acc pagetable.Access) (int, error) {
 	if va+uint64(len(p)) < va || va+uint64(len(p)) > TaskSize {
 		return 0, fmt.Errorf("gomm: access of %d bytes at %#x: %w", len(p), va, ErrFault)

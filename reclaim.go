@@ -44,6 +44,10 @@ func (m *Machine) Reclaim(n int) ReclaimStats {
 	var st reclaimCounters
 	inactive, active := m.lru.lens()
 	budget := 2 * (inactive + active)
+	// Frames that stay inactive go back on the list only when the scan
+	// is over (shrink_folio_list's putback after the batch): put back at
+	// once, a busy frame would be the next one isolated, again and again.
+	var putback []*physmem.Frame
 	for scanned := 0; int(st.freed.Load()) < n && scanned < budget; scanned++ {
 		pfn := m.lru.isolateTail()
 		if pfn == 0 {
@@ -55,7 +59,13 @@ func (m *Machine) Reclaim(n int) ReclaimStats {
 		}
 		f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
 		st.scanned.Add(1)
-		m.shrink(f, &st)
+		if m.shrink(f, &st) {
+			putback = append(putback, f)
+		}
+	}
+	for _, f := range putback {
+		m.lru.add(f, false)
+		_ = m.ram.Put(f)
 	}
 	m.swap.dropOrphans()
 	out := st.snapshot()
@@ -71,11 +81,16 @@ func (m *Machine) Reclaim(n int) ReclaimStats {
 }
 
 // shrink tries to free one isolated frame the caller holds a reference
-// to (shrink_folio_list for one folio); whatever it cannot free goes back
-// on a list.
-func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) {
+// to (shrink_folio_list for one folio). A frame it activates goes back on
+// the active list; inactive true hands a frame that stays inactive back
+// to the caller, with the reference, to put back after the scan.
+func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) (inactive bool) {
 	keep := func(active bool) {
-		m.lru.add(f, active)
+		if !active {
+			inactive = true
+			return
+		}
+		m.lru.add(f, true)
 		_ = m.ram.Put(f)
 	}
 	if !f.TryLock() {
@@ -186,6 +201,7 @@ func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) {
 	if err := m.ram.FreeFrozen(f); err == nil {
 		st.freed.Add(1)
 	}
+	return false
 }
 
 // allocFrame takes a free frame, reclaiming when there is none (the

@@ -200,3 +200,21 @@ func TestPageTablesReclaimToo(t *testing.T) {
 	require.NoError(t, m.CheckRmap(mm))
 	require.NoError(t, mm.Exit())
 }
+
+// A frame reclaim cannot lock goes back on the inactive list after the
+// scan, not at once: put back at once, it would be isolated next, again
+// and again, and reclaim would spend its whole budget on it.
+func TestReclaimIsNotStuckOnABusyFrame(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 512, SwapSlots: 512})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0, 64*page, rw, anon)
+	require.NoError(t, err)
+	fillPages(t, mm, addr, 64, 0)
+	busy := frameAt(t, m, mm, addr)
+	require.True(t, busy.TryLock())
+	st := m.Reclaim(16)
+	busy.Unlock()
+	assert.Equal(t, uint64(16), st.Freed)
+	checkPages(t, mm, addr, 64, 0)
+	require.NoError(t, mm.Exit())
+}
