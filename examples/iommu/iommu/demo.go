@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sync"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"text/tabwriter"
 
