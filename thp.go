@@ -207,7 +207,13 @@ func (mm *MM) newHugeAnon(v *vma, base uint64) (installed, raced bool) {
 	for _, f := range frames {
 		f.IncMapCount() // the allocation's reference becomes the leaf's
 	}
-	_, _ = s.Set(anonPTE(v, head).With(pagetable.Huge))
+	e := anonPTE(v, head).With(pagetable.Huge)
+	if v.prot&ProtWrite == 0 {
+		// A read fault in read-only memory: the leaf must not let a
+		// store through.
+		e = e.Without(pagetable.Write | pagetable.Dirty)
+	}
+	_, _ = s.Set(e)
 	s.Unlock()
 	mm.rss.Add(pagetable.Entries)
 	for _, f := range frames {

@@ -310,3 +310,59 @@ func TestTHPCPUsWriteWhileForkMigrateReclaim(t *testing.T) {
 	require.NoError(t, dev.close())
 	require.NoError(t, mm.Exit())
 }
+
+// A read fault in read-only memory maps the huge page read-only.
+func TestTHPReadOnlyIsNotWritable(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 4096, THP: gomm.THPAlways})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0x4000_0000, huge, gomm.ProtRead, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	cpu := m.CPU(0)
+	cpu.Switch(mm.NewTask("t"))
+	_, err = cpu.Load64(addr)
+	require.NoError(t, err)
+	require.Equal(t, pagetable.LevelPMD, levelAt(mm, addr))
+	e, _ := mm.Table().Lookup(addr)
+	assert.False(t, e.IsWritable())
+	assert.ErrorIs(t, cpu.Store64(addr+8*page, 0xdead), gomm.ErrFault)
+	cpu.Switch(tlbIdle())
+	require.NoError(t, mm.Exit())
+}
+
+// One accessed bit ages all 512 pages of a huge page: reclaim looking
+// at them one by one must give every one of them its second chance, as
+// it does for 4 KiB pages.
+func TestTHPHotHugePageSurvivesOneReclaim(t *testing.T) {
+	for _, mode := range []gomm.THPMode{gomm.THPNever, gomm.THPAlways} {
+		t.Run(mode.String(), func(t *testing.T) {
+			m := newMachine(t, gomm.Config{CPUs: 1, Frames: 4096, SwapSlots: 4096, THP: mode})
+			mm := m.NewMM()
+			addr, err := mm.Mmap(0x4000_0000, huge, rw, anon|gomm.MapFixed)
+			require.NoError(t, err)
+			fillPages(t, mm, addr, 512, 1)
+			st := m.Reclaim(1)
+			assert.GreaterOrEqual(t, st.Activated, uint64(512))
+			require.NoError(t, mm.Exit())
+		})
+	}
+}
+
+// An munmapped huge page gives its deposited table back, even while the
+// rest of its PMD table stays in use.
+func TestTHPMunmapFreesTheDeposit(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 4096, THP: gomm.THPAlways})
+	mm := m.NewMM()
+	nb, err := mm.Mmap(0x4000_0000, page, rw, anon|gomm.MapFixed) // keeps the PMD table alive
+	require.NoError(t, err)
+	writeWord(t, mm, nb, 1)
+	before := mm.PageTableFrames()
+	for i := uint64(0); i < 20; i++ {
+		addr, err := mm.Mmap(0x4000_0000+(i+1)*huge, huge, rw, anon|gomm.MapFixed)
+		require.NoError(t, err)
+		writeWord(t, mm, addr, 1)
+		require.Equal(t, pagetable.LevelPMD, levelAt(mm, addr))
+		require.NoError(t, mm.Munmap(addr, huge))
+	}
+	assert.Equal(t, before, mm.PageTableFrames())
+	require.NoError(t, mm.Exit())
+}

@@ -220,6 +220,17 @@ func (t *Table) FreeEmpty(floor, ceiling uint64, freed []FreedTable) ([]FreedTab
 			}
 			return true
 		})
+		// A slot whose huge leaf was zapped is no longer populated, so
+		// eachSlot skips it; its deposit goes here.
+		pmd.lock.Lock()
+		for i, dep := range pmd.deposit {
+			base := uBase + uint64(i)*HugeSize
+			if inside(base, HugeSize) && pmd.entries[i].Load() == 0 && pmd.next[i].Load() == nil {
+				delete(pmd.deposit, i)
+				freed = t.freeDeposit(base, dep, freed)
+			}
+		}
+		pmd.lock.Unlock()
 		if inside(uBase, pudSize) {
 			freed = t.freePMDTable(pud, ui, uBase, freed)
 		}

@@ -35,7 +35,9 @@ type SwapRefs interface {
 // leaf's deposited table, so it needs neither a flush nor memory.
 func (env *Env) mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i int, e pagetable.PTE, ok bool) {
 	pt, ok, err := v.Space.Table().LockPTE(addr)
-	if errors.Is(err, pagetable.ErrBusy) && env.splitHuge(v, addr, p) {
+	if errors.Is(err, pagetable.ErrBusy) {
+		// Split it, or find it split by somebody else meanwhile.
+		env.splitHuge(v, addr, p)
 		pt, ok, err = v.Space.Table().LockPTE(addr)
 	}
 	if err != nil || !ok {
@@ -241,19 +243,10 @@ func (env *Env) testClearYoung(v *VMA, addr uint64, p *physmem.Frame) (young, ma
 	t := v.Space.Table()
 	pt, ok, err := t.LockPTE(addr)
 	if errors.Is(err, pagetable.ErrBusy) {
-		s, ok, _ := t.LockPMD(addr, false)
-		if !ok {
-			return false, false
+		if young, mapped, huge := env.testClearYoungHuge(v, addr, p); huge {
+			return young, mapped
 		}
-		defer s.Unlock()
-		if !hugeMaps(s.Get(), p) {
-			return false, false
-		}
-		if s.TestAndClearYoung() {
-			env.TLB.FlushRange(v.Space.Context(), s.Base(), s.Base()+pagetable.HugeSize, pagetable.HugeShift, false)
-			return true, true
-		}
-		return false, true
+		pt, ok, err = t.LockPTE(addr) // split meanwhile
 	}
 	if err != nil || !ok {
 		return false, false
@@ -267,7 +260,37 @@ func (env *Env) testClearYoung(v *VMA, addr uint64, p *physmem.Frame) (young, ma
 		env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
 		return true, true
 	}
-	return false, true
+	// A young huge leaf aged before its split left the bit on the frame.
+	return p.TestAndClearFlag(physmem.FlagReferenced), true
+}
+
+// testClearYoungHuge ages the huge leaf at addr if one maps p; huge is
+// false if the slot holds something else now (a split raced with us).
+func (env *Env) testClearYoungHuge(v *VMA, addr uint64, p *physmem.Frame) (young, mapped, huge bool) {
+	s, ok, _ := v.Space.Table().LockPMD(addr, false)
+	if !ok {
+		return false, false, true
+	}
+	defer s.Unlock()
+	if s.HasTable() {
+		return false, false, false
+	}
+	if !hugeMaps(s.Get(), p) {
+		return false, false, true
+	}
+	if s.TestAndClearYoung() {
+		env.TLB.FlushRange(v.Space.Context(), s.Base(), s.Base()+pagetable.HugeSize, pagetable.HugeShift, false)
+		// The bit spoke for every page of the leaf; reclaim looks at
+		// them one by one, so the others keep it as a frame flag.
+		head := s.Get().PFN()
+		for i := range uint64(pagetable.Entries) {
+			if f, err := env.RAM.Frame(physmem.PFN(head + i)); err == nil && f != p {
+				f.SetFlags(physmem.FlagReferenced)
+			}
+		}
+		return true, true, true
+	}
+	return p.TestAndClearFlag(physmem.FlagReferenced), true, true
 }
 
 // TryToMigrate replaces every mapping of p with a migration entry
