@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/physmem"
 )
@@ -49,11 +50,6 @@ type tlbKey struct {
 	page uint64
 }
 
-type tlbEntry struct {
-	pfn      uint64
-	writable bool
-}
-
 type mmState struct {
 	rangeActive int    // ms_range_active
 	seq         uint64 // bumped by every end
@@ -63,14 +59,12 @@ type mmState struct {
 type Chip struct {
 	m    *gomm.Machine
 	mode Mode
-	size int
 
-	mu    sync.Mutex
-	wake  sync.Cond           // waiters for a range to end; L is &mu
-	tlb   map[tlbKey]tlbEntry // protected by mu
-	byPFN map[uint64]int      // frame -> TLB entries; protected by mu
-	mms   map[uint64]*mmState // per-MM range state; protected by mu
-	ops   *chipOps            // the one notifier identity of the chip
+	mu   sync.Mutex
+	wake sync.Cond           // waiters for a range to end; L is &mu
+	tlb  *devtlb.TLB[tlbKey] // protected by mu
+	mms  map[uint64]*mmState // per-MM range state; protected by mu
+	ops  *chipOps            // the one notifier identity of the chip
 
 	accesses, hits, dropIns, retries, waits, invalidations, flushes atomic.Uint64
 
@@ -83,7 +77,7 @@ func New(m *gomm.Machine, entries int, mode Mode) (*Chip, error) {
 	if entries <= 0 || mode < ModePerRange || mode > ModePerPTTable {
 		return nil, fmt.Errorf("gru: chip with %d entries, %v: %w", entries, mode, gomm.ErrInvalid)
 	}
-	c := &Chip{m: m, mode: mode, size: entries, tlb: map[tlbKey]tlbEntry{}, byPFN: map[uint64]int{}, mms: map[uint64]*mmState{}}
+	c := &Chip{m: m, mode: mode, tlb: devtlb.New[tlbKey](entries), mms: map[uint64]*mmState{}}
 	c.wake.L = &c.mu
 	c.ops = (*chipOps)(c)
 	c.unregisterCache = m.RegisterCache(c)
@@ -103,15 +97,17 @@ type Context struct {
 // Open attaches a context to mm, sharing the chip's subscription to mm
 // with the MM's other contexts.
 func (c *Chip) Open(ctx context.Context, mm *gomm.MM) (*Context, error) {
-	sub, err := mm.GetNotifier(ctx, c.ops)
-	if err != nil {
-		return nil, fmt.Errorf("gru: %w", err)
-	}
+	// The MM's state exists before the subscription does, so every
+	// callback finds it.
 	c.mu.Lock()
 	if c.mms[mm.ID()] == nil {
 		c.mms[mm.ID()] = &mmState{}
 	}
 	c.mu.Unlock()
+	sub, err := mm.GetNotifier(ctx, c.ops)
+	if err != nil {
+		return nil, fmt.Errorf("gru: %w", err)
+	}
 	return &Context{chip: c, mm: mm, sub: sub}, nil
 }
 
@@ -146,8 +142,8 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 	key := tlbKey{x.mm.ID(), va &^ (PageSize - 1)}
 	for {
 		c.mu.Lock()
-		if e, ok := c.tlb[key]; ok && (e.writable || !write) {
-			f, err := c.m.RAM().Frame(physmem.PFN(e.pfn))
+		if e, ok := c.tlb.Lookup(key); ok && (e.Writable || !write) {
+			f, err := c.m.RAM().Frame(physmem.PFN(e.PFN))
 			if err == nil {
 				err = op(f, int(va-key.page))
 			}
@@ -170,7 +166,7 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 		}
 		c.mu.Lock()
 		if st.rangeActive == 0 && st.seq == seq {
-			c.dropIn(key, tlbEntry{pfn: uint64(f.PFN()), writable: write})
+			c.tlb.Fill(key, devtlb.Entry{PFN: uint64(f.PFN()), Writable: write})
 			c.dropIns.Add(1)
 		} else {
 			c.retries.Add(1)
@@ -182,28 +178,6 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 		if err := c.m.RAM().Put(f); err != nil {
 			return err
 		}
-	}
-}
-
-// dropIn puts a translation in the TLB, evicting one when it is full.
-// Called with mu held.
-func (c *Chip) dropIn(key tlbKey, e tlbEntry) {
-	if old, ok := c.tlb[key]; ok {
-		c.drop(key, old)
-	} else if len(c.tlb) >= c.size {
-		for k, v := range c.tlb {
-			c.drop(k, v)
-			break
-		}
-	}
-	c.tlb[key] = e
-	c.byPFN[e.pfn]++
-}
-
-func (c *Chip) drop(key tlbKey, e tlbEntry) {
-	delete(c.tlb, key)
-	if c.byPFN[e.pfn]--; c.byPFN[e.pfn] <= 0 {
-		delete(c.byPFN, e.pfn)
 	}
 }
 
@@ -233,11 +207,7 @@ func (c *Chip) flushAll(mm uint64) {
 
 // dropRange removes an MM's entries in [lo, hi). Called with mu held.
 func (c *Chip) dropRange(mm, lo, hi uint64) {
-	for k, e := range c.tlb {
-		if k.mm == mm && k.page >= lo && k.page < hi {
-			c.drop(k, e)
-		}
-	}
+	c.tlb.DropIf(func(k tlbKey) bool { return k.mm == mm && k.page >= lo && k.page < hi })
 }
 
 // CacheName implements gomm.Cache.
@@ -247,10 +217,7 @@ func (c *Chip) CacheName() string { return fmt.Sprintf("GRU TLB (%v)", c.mode) }
 func (c *Chip) CachedPFN(pfn uint64) (string, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if n := c.byPFN[pfn]; n > 0 {
-		return fmt.Sprintf("%d TLB entries", n), true
-	}
-	return "", false
+	return c.tlb.Index.Cached(pfn)
 }
 
 // Stats returns the chip's counters.
@@ -270,12 +237,7 @@ func (o *chipOps) InvalidateRangeStart(r *notifier.Range) error {
 	c := (*Chip)(o)
 	c.invalidations.Add(1)
 	c.mu.Lock()
-	st := c.mms[r.MM.ID()]
-	if st == nil {
-		st = &mmState{}
-		c.mms[r.MM.ID()] = st
-	}
-	st.rangeActive++
+	c.mms[r.MM.ID()].rangeActive++
 	c.mu.Unlock()
 	c.flush(r.MM.ID(), r.Start, r.End)
 	return nil

@@ -68,14 +68,18 @@ func TestDropInsWaitForTheRangeToEnd(t *testing.T) {
 	require.NoError(t, chip.ops.InvalidateRangeStart(r))
 	done := make(chan error, 1)
 	go func() { done <- x.Store64(a+8*PageSize, 1) }()
-	for chip.Stats().Waits == 0 {
-		runtime.Gosched()
+	// The store must be held off (waiting, or retrying its drop-in)
+	// until the end; if it completes first, the test fails rather than
+	// hangs.
+	for st := chip.Stats(); st.Waits == 0 && st.Retries == 0; st = chip.Stats() {
+		select {
+		case err := <-done:
+			t.Fatalf("a drop-in completed while a range was active: %v", err)
+		default:
+			runtime.Gosched()
+		}
 	}
-	select {
-	case err := <-done:
-		t.Fatalf("a drop-in completed while a range was active: %v", err)
-	default:
-	}
+	assert.Zero(t, chip.Stats().DropIns)
 	chip.ops.InvalidateRangeEnd(r)
 	require.NoError(t, <-done)
 	assert.EqualValues(t, 1, chip.Stats().DropIns)

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
@@ -58,22 +59,15 @@ type Stats struct {
 	Flushed      uint64 // IOTLB entries those flushes removed
 }
 
-type iotlbEntry struct {
-	pfn      uint64
-	writable bool
-}
-
 // Device is an SVA device bound to one MM (iommu_sva_bind_device).
 type Device struct {
 	m    *gomm.Machine
 	mm   *gomm.MM
 	mode Mode
-	size int // IOTLB capacity
 	sub  *notifier.Subscription
 
-	mu    sync.Mutex            // the IOTLB lock; see the package documentation
-	iotlb map[uint64]iotlbEntry // page address -> translation; protected by mu
-	byPFN map[uint64]int        // frame -> entries mapping it; protected by mu
+	mu    sync.Mutex          // the IOTLB lock; see the package documentation
+	iotlb *devtlb.TLB[uint64] // page address -> translation; protected by mu
 
 	dma, hits, misses, pageRequests, flushes, flushed atomic.Uint64
 
@@ -86,7 +80,7 @@ func Bind(ctx context.Context, m *gomm.Machine, mm *gomm.MM, entries int, mode M
 	if entries <= 0 || mode < ModeSecondaryTLBs || mode > ModeFlushAtEnd {
 		return nil, fmt.Errorf("iommu: bind with %d IOTLB entries, %v: %w", entries, mode, gomm.ErrInvalid)
 	}
-	d := &Device{m: m, mm: mm, mode: mode, size: entries, iotlb: map[uint64]iotlbEntry{}, byPFN: map[uint64]int{}}
+	d := &Device{m: m, mm: mm, mode: mode, iotlb: devtlb.New[uint64](entries)}
 	var ops any
 	switch mode {
 	case ModeSecondaryTLBs:
@@ -143,8 +137,8 @@ func (d *Device) access(va uint64, write bool, op func(f *physmem.Frame, off int
 	}
 	for range 16 {
 		d.mu.Lock()
-		e, ok := d.iotlb[page]
-		if ok && (e.writable || !write) {
+		e, ok := d.iotlb.Lookup(page)
+		if ok && (e.Writable || !write) {
 			d.hits.Add(1)
 		} else {
 			d.misses.Add(1)
@@ -160,10 +154,10 @@ func (d *Device) access(va uint64, write bool, op func(f *physmem.Frame, off int
 				}
 				continue
 			}
-			e = iotlbEntry{pfn: tr.PFN, writable: tr.PTE.IsWritable()}
-			d.fill(page, e)
+			e = devtlb.Entry{PFN: tr.PFN, Writable: tr.PTE.IsWritable()}
+			d.iotlb.Fill(page, e)
 		}
-		f, err := d.m.RAM().Frame(physmem.PFN(e.pfn))
+		f, err := d.m.RAM().Frame(physmem.PFN(e.PFN))
 		if err == nil {
 			err = op(f, int(va-page))
 		}
@@ -174,40 +168,14 @@ func (d *Device) access(va uint64, write bool, op func(f *physmem.Frame, off int
 	return fmt.Errorf("iommu: DMA at %#x: the page keeps going away: %w", va, ErrDMA)
 }
 
-// fill caches a translation, evicting another when the IOTLB is full.
-// Called with mu held.
-func (d *Device) fill(page uint64, e iotlbEntry) {
-	if old, ok := d.iotlb[page]; ok {
-		d.drop(page, old)
-	} else if len(d.iotlb) >= d.size {
-		for victim, ve := range d.iotlb {
-			d.drop(victim, ve)
-			break
-		}
-	}
-	d.iotlb[page] = e
-	d.byPFN[e.pfn]++
-}
-
-func (d *Device) drop(page uint64, e iotlbEntry) {
-	delete(d.iotlb, page)
-	if d.byPFN[e.pfn]--; d.byPFN[e.pfn] <= 0 {
-		delete(d.byPFN, e.pfn)
-	}
-}
-
 // flush removes the IOTLB entries of [start, end), waiting for DMA in
 // flight (it holds mu).
 func (d *Device) flush(start, end uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.flushes.Add(1)
-	for page, e := range d.iotlb {
-		if page >= start && page < end {
-			d.drop(page, e)
-			d.flushed.Add(1)
-		}
-	}
+	n := d.iotlb.DropIf(func(page uint64) bool { return page >= start && page < end })
+	d.flushed.Add(uint64(n))
 }
 
 // CacheName implements gomm.Cache.
@@ -217,12 +185,7 @@ func (d *Device) CacheName() string { return fmt.Sprintf("SVA device IOTLB (%v)"
 func (d *Device) CachedPFN(pfn uint64) (string, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for page, e := range d.iotlb {
-		if e.pfn == pfn {
-			return fmt.Sprintf("va %#x", page), true
-		}
-	}
-	return "", false
+	return d.iotlb.Index.Cached(pfn)
 }
 
 // Stats returns the device's counters.

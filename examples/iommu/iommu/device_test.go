@@ -57,7 +57,7 @@ func TestDMAThroughTheCPUPageTable(t *testing.T) {
 		require.NoError(t, dev.Write64(a+p*PageSize, p))
 	}
 	dev.mu.Lock()
-	assert.LessOrEqual(t, len(dev.iotlb), 8)
+	assert.LessOrEqual(t, dev.iotlb.Len(), 8)
 	dev.mu.Unlock()
 
 	require.NoError(t, mm.Mprotect(a, PageSize, gomm.ProtRead))

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
@@ -24,6 +25,10 @@ var (
 
 // PageSize is the guest page size.
 const PageSize = gomm.PageSize
+
+// maxGPA bounds guest-physical addresses: the shadow table is a 4-level
+// table of 48-bit addresses, of which the guest gets the lower half.
+const maxGPA = 1 << 47
 
 // Memslot maps guest-physical [GPA, GPA+Size) to host addresses
 // [HVA, HVA+Size) of the VM's MM (struct kvm_memory_slot).
@@ -56,7 +61,7 @@ type VM struct {
 	spt     *pagetable.Table // guest-physical -> host frame; leaves changed under mmuLock (write)
 	// Reverse index of the shadow table for the checker: host frame ->
 	// shadow entries mapping it. Protected by mmuLock.
-	byPFN map[uint64]int
+	byPFN devtlb.PFNIndex
 	// mmu_invalidate_in_progress and the host range it covers; protected
 	// by mmuLock.
 	inProgress           int
@@ -79,7 +84,7 @@ type VM struct {
 // registering the shadow table with the machine's checker. Close it
 // before the MM exits, or let the MM's exit release it.
 func New(ctx context.Context, m *gomm.Machine, mm *gomm.MM) (*VM, error) {
-	vm := &VM{m: m, mm: mm, spt: pagetable.New(pagetable.Options{}), byPFN: map[uint64]int{}}
+	vm := &VM{m: m, mm: mm, spt: pagetable.New(pagetable.Options{}), byPFN: devtlb.PFNIndex{}}
 	vm.slots.Store(&[]Memslot{})
 	sub, err := mm.RegisterNotifier(ctx, vm)
 	if err != nil {
@@ -102,7 +107,7 @@ func (vm *VM) Close() error {
 // Size non-zero, and the guest range must not overlap another slot's.
 func (vm *VM) SetMemslot(s Memslot) error {
 	if s.Size == 0 || s.GPA%PageSize != 0 || s.Size%PageSize != 0 || s.HVA%PageSize != 0 ||
-		s.GPA+s.Size < s.GPA || s.HVA+s.Size < s.HVA {
+		s.GPA+s.Size < s.GPA || s.GPA+s.Size > maxGPA || s.HVA+s.Size < s.HVA {
 		return fmt.Errorf("kvm: memslot %+v: %w", s, ErrBadSlot)
 	}
 	vm.slotsMu.Lock()
@@ -221,7 +226,7 @@ func (vm *VM) install(gpa, hva uint64, f *physmem.Frame, write bool, seq uint64)
 		return false, err
 	}
 	vm.forget(old)
-	vm.byPFN[uint64(f.PFN())]++
+	vm.byPFN.Add(uint64(f.PFN()))
 	return true, nil
 }
 
@@ -231,9 +236,7 @@ func (vm *VM) forget(old pagetable.PTE) {
 	if !old.IsPresent() {
 		return
 	}
-	if vm.byPFN[old.PFN()]--; vm.byPFN[old.PFN()] <= 0 {
-		delete(vm.byPFN, old.PFN())
-	}
+	vm.byPFN.Remove(old.PFN())
 	vm.zapped.Add(1)
 }
 
@@ -259,7 +262,7 @@ func (vm *VM) zapRange(start, end uint64) {
 func (vm *VM) zapAll() {
 	vm.mmuLock.Lock()
 	defer vm.mmuLock.Unlock()
-	_, _ = vm.spt.UnmapRange(0, pagetable.HugeSize<<18, func(_ uint64, old pagetable.PTE) { vm.forget(old) })
+	_, _ = vm.spt.UnmapRange(0, maxGPA, func(_ uint64, old pagetable.PTE) { vm.forget(old) })
 }
 
 // InvalidateRangeStart implements notifier.RangeInvalidator
@@ -338,10 +341,7 @@ func (vm *VM) CacheName() string {
 func (vm *VM) CachedPFN(pfn uint64) (string, bool) {
 	vm.mmuLock.RLock()
 	defer vm.mmuLock.RUnlock()
-	if n := vm.byPFN[pfn]; n > 0 {
-		return fmt.Sprintf("%d shadow entries", n), true
-	}
-	return "", false
+	return vm.byPFN.Cached(pfn)
 }
 
 // Stats returns the VM's counters.
@@ -360,9 +360,5 @@ func (vm *VM) Stats() Stats {
 func (vm *VM) ShadowEntries() int {
 	vm.mmuLock.RLock()
 	defer vm.mmuLock.RUnlock()
-	n := 0
-	for _, c := range vm.byPFN {
-		n += c
-	}
-	return n
+	return vm.byPFN.Total()
 }

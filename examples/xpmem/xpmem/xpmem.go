@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
@@ -106,7 +107,7 @@ type Segment struct {
 	imp struct {
 		mu      sync.Mutex
 		pt      *pagetable.Table // importer address (a segment offset) -> exporter frame
-		byPFN   map[uint64]int
+		byPFN   devtlb.PFNIndex
 		gen     uint64 // invalidations processed
 		nextID  uint64
 		waiting map[uint64]chan msg
@@ -130,7 +131,7 @@ func Export(ctx context.Context, m *gomm.Machine, mm *gomm.MM, start, length uin
 	s := &Segment{m: m, mm: mm, start: start, len: length, link: link, work: make(chan msg, 256), workerDone: make(chan struct{})}
 	s.exp.acks = map[uint64]chan struct{}{}
 	s.imp.pt = pagetable.New(pagetable.Options{})
-	s.imp.byPFN = map[uint64]int{}
+	s.imp.byPFN = devtlb.PFNIndex{}
 	s.imp.waiting = map[uint64]chan msg{}
 	sub, err := mm.RegisterNotifier(ctx, (*exporterOps)(s))
 	if err != nil {
@@ -280,9 +281,7 @@ func (s *Segment) importerReceive(m msg) {
 func (s *Segment) zapLocked(lo, hi uint64) {
 	_, _ = s.imp.pt.UnmapRange(lo, hi, func(_ uint64, old pagetable.PTE) {
 		if old.IsPresent() {
-			if s.imp.byPFN[old.PFN()]--; s.imp.byPFN[old.PFN()] <= 0 {
-				delete(s.imp.byPFN, old.PFN())
-			}
+			s.imp.byPFN.Remove(old.PFN())
 		}
 	})
 }
@@ -329,7 +328,7 @@ func (s *Segment) Read64(off uint64) (uint64, error) {
 			s.discarded.Add(1)
 		} else if !s.imp.closed {
 			if _, err := s.imp.pt.Set(page, pagetable.NewPTE(ans.pfn, pagetable.User)); err == nil {
-				s.imp.byPFN[ans.pfn]++
+				s.imp.byPFN.Add(ans.pfn)
 			}
 		}
 		s.imp.mu.Unlock()
@@ -354,8 +353,5 @@ func (c *importerCache) CachedPFN(pfn uint64) (string, bool) {
 	s := (*Segment)(c)
 	s.imp.mu.Lock()
 	defer s.imp.mu.Unlock()
-	if n := s.imp.byPFN[pfn]; n > 0 {
-		return fmt.Sprintf("%d importer mappings", n), true
-	}
-	return "", false
+	return s.imp.byPFN.Cached(pfn)
 }
