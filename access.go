@@ -89,16 +89,19 @@ func (mm *MM) getPage(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 	if v == nil {
 		return nil, fmt.Errorf("gomm: %v at %#x: no mapping: %w", acc, va, ErrFault)
 	}
+	if !v.prot.allows(acc) {
+		return nil, fmt.Errorf("gomm: %v at %#x: mapping is %v: %w", acc, va, v.prot, ErrFault)
+	}
+	write := acc&pagetable.AccessWrite != 0
+	// Look first and fault only when the page is not there as needed
+	// (follow_page_mask, then faultin_page).
 	for range 8 {
+		f, err := mm.mappedPage(va, write)
+		if err != nil || f != nil {
+			return f, err
+		}
 		if err := mm.faultLocked(v, va, acc); err != nil {
 			return nil, err
-		}
-		f, err := mm.mappedPage(va, acc&pagetable.AccessWrite != 0)
-		if err != nil {
-			return nil, err
-		}
-		if f != nil {
-			return f, nil
 		}
 	}
 	return nil, fmt.Errorf("gomm: %v at %#x: page keeps going away: %w", acc, va, ErrFault)

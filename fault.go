@@ -42,7 +42,9 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 	mm.faults.Add(1)
 	page := va &^ (PageSize - 1)
 	write := acc&pagetable.AccessWrite != 0
-	if _, level := mm.table.Lookup(page); level != pagetable.LevelPTE && mm.hugeEligible(v, page) {
+	// Eligibility first: it is a few flag tests, and most faults stop
+	// there without walking the table.
+	if mm.hugeEligible(v, page) && !mm.hasPTETable(page) {
 		if handled, err := mm.hugeFault(v, page, write); handled || err != nil {
 			return err
 		}
@@ -158,6 +160,11 @@ func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, e
 // still holds old, writable or not; if not, f is dropped and retry is
 // true.
 func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame, writable bool) (retry bool, err error) {
+	// On the LRU before the entry can be visible: once it is, a
+	// concurrent zap may free the frame, and an add after that free
+	// would leave a free frame on the list. Added here, any free takes
+	// it off again (the allocator's free hook).
+	mm.m.lru.add(f, true)
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
@@ -177,7 +184,6 @@ func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Fram
 	}
 	pt.Unlock()
 	mm.rss.Add(1)
-	mm.m.lru.add(f, true)
 	return false, nil
 }
 
@@ -204,6 +210,7 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 	if err != nil {
 		return false, err
 	}
+	mm.m.lru.add(f, true) // before the entry can be visible, as in mapNewAnon
 	// The old page leaves: secondary MMUs must drop it first (wp_page_copy
 	// notifies MMU_NOTIFY_CLEAR).
 	r := mm.invalidateStart(page, page+PageSize, notifier.EventClear)
@@ -231,7 +238,6 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 	pt.Set(i, ne)
 	pt.Unlock()
 	mm.rss.Add(1)
-	mm.m.lru.add(f, true)
 	if old&pagetable.Special == 0 {
 		src.DecMapCount()
 		mm.rss.Add(-1)

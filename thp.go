@@ -75,6 +75,13 @@ func (mm *MM) hugeEligible(v *vma, page uint64) bool {
 	return base >= v.Start && base+pagetable.HugeSize <= v.End
 }
 
+// hasPTETable reports whether a PTE table covers page, so that a fault
+// there can only be a 4 KiB one.
+func (mm *MM) hasPTETable(page uint64) bool {
+	_, level := mm.table.Lookup(page)
+	return level == pagetable.LevelPTE
+}
+
 // hugeFault handles a fault at page whose PMD slot holds no PTE table
 // (do_huge_pmd_anonymous_page, do_huge_pmd_wp_page): an empty slot in an
 // eligible VMA gets a new zeroed huge page; a huge leaf is fixed up in
@@ -169,43 +176,48 @@ func (mm *MM) newHugeAnon(v *vma, base uint64) (installed, raced bool) {
 		mm.m.thp.faultFallback.Add(1)
 		return false, false
 	}
-	frames := make([]*physmem.Frame, pagetable.Entries)
-	for i := range frames {
+	frame := func(i uint64) *physmem.Frame {
 		f, _ := mm.m.ram.Frame(head.PFN() + physmem.PFN(i))
+		return f
+	}
+	for i := range uint64(pagetable.Entries) {
+		f := frame(i)
 		f.SetFlags(physmem.FlagAnon | physmem.FlagSwapBacked | physmem.FlagUptodate)
 		// As in allocAnon: a holder of a stale frame number may read the
 		// mapping under the page lock.
 		for !f.TryLock() {
 			runtime.Gosched()
 		}
-		f.SetMapping(av, v.Index(base+uint64(i)*PageSize))
+		f.SetMapping(av, v.Index(base+i*PageSize))
 		f.Unlock()
-		frames[i] = f
 	}
-	putAll := func() {
-		for _, f := range frames {
-			_ = mm.m.ram.Put(f)
+	giveUp := func(fallback bool) (bool, bool) {
+		for i := range uint64(pagetable.Entries) {
+			_ = mm.m.ram.Put(frame(i))
 		}
+		if fallback {
+			mm.m.thp.faultFallback.Add(1)
+		}
+		return false, !fallback
+	}
+	for i := range uint64(pagetable.Entries) {
+		// On the LRU before the leaf can be visible, as in mapNewAnon.
+		mm.m.lru.add(frame(i), true)
 	}
 	s, _, err := mm.table.LockPMD(base, true)
 	if err != nil {
-		putAll()
-		mm.m.thp.faultFallback.Add(1)
-		return false, false
+		return giveUp(true)
 	}
 	if !s.Get().IsNone() || s.HasTable() {
 		s.Unlock()
-		putAll()
-		return false, true
+		return giveUp(false)
 	}
 	if err := s.Deposit(); err != nil {
 		s.Unlock()
-		putAll()
-		mm.m.thp.faultFallback.Add(1)
-		return false, false
+		return giveUp(true)
 	}
-	for _, f := range frames {
-		f.IncMapCount() // the allocation's reference becomes the leaf's
+	for i := range uint64(pagetable.Entries) {
+		frame(i).IncMapCount() // the allocation's reference becomes the leaf's
 	}
 	e := anonPTE(v, head).With(pagetable.Huge)
 	if v.prot&ProtWrite == 0 {
@@ -216,9 +228,6 @@ func (mm *MM) newHugeAnon(v *vma, base uint64) (installed, raced bool) {
 	_, _ = s.Set(e)
 	s.Unlock()
 	mm.rss.Add(pagetable.Entries)
-	for _, f := range frames {
-		mm.m.lru.add(f, true)
-	}
 	mm.m.thp.faultAlloc.Add(1)
 	return true, false
 }

@@ -203,3 +203,20 @@ func BenchmarkUnmapRange(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkLockPTEUnderHugeLeaf: LockPTE on an address a huge leaf
+// maps, which rmap walks, GUP and KSM meet per 4 KiB page of a huge page
+// and take as "look at the PMD".
+func BenchmarkLockPTEUnderHugeLeaf(b *testing.B) {
+	testmain.WithoutLockdep(b)
+	tb := New(Options{})
+	if err := tb.MapHuge(0, NewPTE(512, Write|User)); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, err := tb.LockPTE(0x3000); err == nil {
+			b.Fatal("no error under a huge leaf")
+		}
+	}
+}

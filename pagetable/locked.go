@@ -145,7 +145,7 @@ func (t *Table) lockPTE(va uint64, alloc bool) (PTETable, bool, error) {
 			return PTETable{}, false, err
 		}
 		if e := PTE(pmd.entries[i].Load()); e != 0 {
-			return PTETable{}, false, fmt.Errorf("pagetable: %#x is under a PMD entry (%v): %w", va, e, ErrBusy)
+			return PTETable{}, false, errUnderPMD
 		}
 		page := pmd.next[i].Load()
 		if page == nil {

@@ -220,17 +220,7 @@ func (t *Table) FreeEmpty(floor, ceiling uint64, freed []FreedTable) ([]FreedTab
 			}
 			return true
 		})
-		// A slot whose huge leaf was zapped is no longer populated, so
-		// eachSlot skips it; its deposit goes here.
-		pmd.lock.Lock()
-		for i, dep := range pmd.deposit {
-			base := uBase + uint64(i)*HugeSize
-			if inside(base, HugeSize) && pmd.entries[i].Load() == 0 && pmd.next[i].Load() == nil {
-				delete(pmd.deposit, i)
-				freed = t.freeDeposit(base, dep, freed)
-			}
-		}
-		pmd.lock.Unlock()
+		freed = t.freeDeposits(pmd, uBase, inside, freed)
 		if inside(uBase, pudSize) {
 			freed = t.freePMDTable(pud, ui, uBase, freed)
 		}
@@ -248,10 +238,6 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	defer pmd.lock.Unlock()
 	page := pmd.next[i].Load()
 	if page == nil {
-		if dep := pmd.deposit[i]; dep != nil && pmd.entries[i].Load() == 0 {
-			delete(pmd.deposit, i)
-			freed = t.freeDeposit(base, dep, freed)
-		}
 		return freed
 	}
 	pmd.ptl[i].Lock()
@@ -265,6 +251,24 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	t.tables[LevelPTE].Add(-1)
 	t.freed.Add(1)
 	return append(freed, FreedTable{Level: LevelPTE, VA: base, pte: page})
+}
+
+// freeDeposits frees the deposits of pmd's slots inside the bounds that
+// hold neither a leaf nor a table: a slot whose huge leaf was zapped is
+// no longer populated, so the slot walk never sees it. This is the only
+// place deposits are freed; a PMD table with none of its slots
+// populated has none left after it.
+func (t *Table) freeDeposits(pmd *pmdTable, uBase uint64, inside func(base, size uint64) bool, freed []FreedTable) []FreedTable {
+	pmd.lock.Lock()
+	defer pmd.lock.Unlock()
+	for i, dep := range pmd.deposit {
+		base := uBase + uint64(i)*HugeSize
+		if inside(base, HugeSize) && pmd.entries[i].Load() == 0 && pmd.next[i].Load() == nil {
+			delete(pmd.deposit, i)
+			freed = t.freeDeposit(base, dep, freed)
+		}
+	}
+	return freed
 }
 
 // freeDeposit hands out a deposited PTE table no leaf needs any more.
@@ -287,10 +291,6 @@ func (t *Table) freePMDTable(pud *pudTable, i int, base uint64, freed []FreedTab
 	if pmd.count != 0 {
 		return freed
 	}
-	for slot, dep := range pmd.deposit {
-		freed = t.freeDeposit(base+uint64(slot)*HugeSize, dep, freed)
-	}
-	pmd.deposit = nil
 	pmd.dead = true
 	pud.next[i].Store(nil)
 	pud.present.clear(i)

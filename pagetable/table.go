@@ -36,6 +36,12 @@ var (
 	ErrBusy    = errno.ErrBusy    // a huge leaf (or a table) is in the way
 )
 
+// errUnderPMD is LockPTE's answer for an address a PMD entry maps. It is
+// preformatted because callers meet it on purpose (the rmap walks, GUP
+// and KSM take it as "look at the PMD instead"), per 4 KiB page of a huge
+// one, where a formatted error would cost more than the lock.
+var errUnderPMD = fmt.Errorf("pagetable: the address is under a PMD entry: %w", ErrBusy)
+
 // Level names a level of the table, numbered from the leaves up as in x86
 // manuals.
 type Level uint8
