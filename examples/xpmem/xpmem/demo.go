@@ -73,8 +73,10 @@ func RunDemo(w io.Writer, cfg DemoConfig) (DemoReport, error) {
 	var stop atomic.Bool
 	var verified atomic.Uint64
 	var readErr error
+	var readerDone atomic.Bool // set when the reader stops, on an error or at the end
 	var wg sync.WaitGroup
 	wg.Go(func() {
+		defer readerDone.Store(true)
 		for i := 0; !stop.Load(); i++ {
 			p := uint64(i % cfg.Pages)
 			v, err := seg.Read64(p * PageSize)
@@ -90,8 +92,8 @@ func RunDemo(w io.Writer, cfg DemoConfig) (DemoReport, error) {
 		}
 	})
 	var hostErr error
-	for r := 0; r < cfg.Rounds && hostErr == nil; r++ {
-		for seen := seg.Stats().Reads; seg.Stats().Reads < seen+4 && !stop.Load(); {
+	for r := 0; r < cfg.Rounds && hostErr == nil && !readerDone.Load(); r++ {
+		for seen := seg.Stats().Reads; seg.Stats().Reads < seen+4 && !readerDone.Load(); {
 			runtime.Gosched()
 		}
 		switch r % 3 {
@@ -140,7 +142,8 @@ func printReport(w io.Writer, cfg DemoConfig, rep DemoReport) {
 	row("importer reads", s.Reads, "")
 	row("verified", rep.Verified, "reads of the stable half checked against the exporter's data")
 	row("fault requests", s.FaultRequests, "importer misses sent over the link")
-	row("discarded answers", s.Discarded, "answers that lost the race with an invalidation")
+	row("retried look-ups", s.Retried, "exporter look-ups an invalidation in progress overlapped")
+	row("discarded answers", s.Discarded, "answers an invalidation overtook on the wire")
 	row("invalidations", s.Invalidations, "sent by the exporter, each acknowledged before it went on")
 	row("pages swapped", rep.Swapped, "exporter pages reclaimed under the importer")
 	lat := slices.Sorted(slices.Values(s.Latencies))

@@ -21,13 +21,19 @@
 // its own page table; a miss sends a fault request and waits for the
 // answer.
 //
-// A fault in flight can lose the race with an invalidation: the exporter
-// looked the page up, then an invalidation started and was sent, then
-// the answer was sent. Messages from the exporter arrive in order, so
-// the importer has processed the invalidation before the stale answer
-// arrives; it counts the invalidations it has processed for the segment
-// and discards an answer if any arrived since it sent the request, and
-// asks again.
+// A fault in flight can lose the race with an invalidation in two ways,
+// and each side closes one. The exporter's start callback returns once
+// the importer has acknowledged, before the exporter's entry is cleared:
+// a look-up in that window would find the old frame, and the
+// acknowledgement is already in. So the exporter counts invalidations
+// between start and end and a sequence bumped at every end, as KVM does;
+// its worker waits while one is in progress and redoes a look-up one
+// overlapped. An invalidation that starts after that check sends its
+// message before the answer or after it: messages from the exporter
+// arrive in order, so either the importer drops what it installed, or it
+// has processed the invalidation before the stale answer arrives. The
+// importer counts the invalidations it has processed and discards an
+// answer if any arrived since it sent the request, and asks again.
 //
 // # Locks and invariants
 //

@@ -77,7 +77,8 @@ func (l *Link) send(to chan msg, m msg) {
 // Stats are a segment's counters.
 type Stats struct {
 	FaultRequests uint64 // sent by the importer
-	Discarded     uint64 // answers that lost the race with an invalidation
+	Discarded     uint64 // answers the importer dropped: an invalidation overtook them
+	Retried       uint64 // look-ups the exporter redid: an invalidation ran meanwhile
 	Invalidations uint64 // sent by the exporter and acknowledged
 	Refused       uint64 // non-blockable invalidations refused with ErrAgain
 	Reads         uint64 // importer loads
@@ -100,9 +101,16 @@ type Segment struct {
 
 	exp struct {
 		mu        sync.Mutex
+		ended     sync.Cond // signalled when an invalidation ends; L is &mu
 		nextID    uint64
 		acks      map[uint64]chan struct{}
 		latencies []time.Duration
+		// Invalidations of the segment between start and end, and a
+		// sequence bumped by every end: what the worker checks so that
+		// it never answers with a frame an invalidation in progress is
+		// taking away (KVM's mmu_invalidate_in_progress and _seq).
+		active int
+		seq    uint64
 	}
 	imp struct {
 		mu      sync.Mutex
@@ -113,13 +121,14 @@ type Segment struct {
 		waiting map[uint64]chan msg
 		closed  bool
 	}
-	faultRequests, discarded, invalidations, refused, reads atomic.Uint64
+	faultRequests, discarded, retried, invalidations, refused, reads atomic.Uint64
 
 	unregisterCache func()
 
-	// noGenCheck switches the importer's stale-answer check off, for the
-	// test that shows what it prevents.
-	noGenCheck bool
+	// noGenCheck and noActiveCheck switch the importer's and the
+	// exporter's stale-answer checks off, for the tests that show what
+	// each prevents.
+	noGenCheck, noActiveCheck bool
 }
 
 // Export makes [start, start+length) of mm available and attaches it on
@@ -130,6 +139,7 @@ func Export(ctx context.Context, m *gomm.Machine, mm *gomm.MM, start, length uin
 	}
 	s := &Segment{m: m, mm: mm, start: start, len: length, link: link, work: make(chan msg, 256), workerDone: make(chan struct{})}
 	s.exp.acks = map[uint64]chan struct{}{}
+	s.exp.ended.L = &s.exp.mu
 	s.imp.pt = pagetable.New(pagetable.Options{})
 	s.imp.byPFN = devtlb.PFNIndex{}
 	s.imp.waiting = map[uint64]chan msg{}
@@ -192,12 +202,30 @@ func (s *Segment) exporterReceive(m msg) {
 	}
 }
 
-// worker serves fault requests: look the page up, answer with its frame,
-// and drop the reference (the invalidation protocol, not a pin, keeps
-// the importer honest).
+// worker serves fault requests.
 func (s *Segment) worker() {
 	defer close(s.workerDone)
 	for m := range s.work {
+		s.answer(m)
+	}
+}
+
+// answer looks the page of a fault request up and answers with its
+// frame, then drops the reference: the invalidation protocol, not a pin,
+// keeps the importer honest. The look-up waits for invalidations in
+// progress and is redone if one ran meanwhile: an invalidation whose
+// start has returned may not have cleared the exporter's entry yet, and
+// its acknowledgement is already in, so the importer could not discard
+// an answer taken from that entry.
+func (s *Segment) answer(m msg) {
+	for {
+		s.exp.mu.Lock()
+		for s.exp.active > 0 && !s.noActiveCheck {
+			s.exp.ended.Wait()
+		}
+		seq := s.exp.seq
+		s.exp.mu.Unlock()
+
 		ans := msg{kind: faultAnswer, id: m.id, lo: m.lo}
 		f, err := s.mm.GetUserPage(s.start+m.lo, m.write)
 		if err != nil {
@@ -205,10 +233,22 @@ func (s *Segment) worker() {
 		} else {
 			ans.pfn = uint64(f.PFN())
 		}
-		s.link.send(s.link.toImp, ans)
+		s.exp.mu.Lock()
+		stale := s.exp.active > 0 || s.exp.seq != seq
+		s.exp.mu.Unlock()
+		if !stale || s.noActiveCheck {
+			// An invalidation that starts from here on sends its message
+			// before this answer or after it: before, the importer
+			// discards the answer; after, it drops what it installed.
+			s.link.send(s.link.toImp, ans)
+		}
 		if f != nil {
 			_ = s.m.RAM().Put(f)
 		}
+		if !stale || s.noActiveCheck {
+			return
+		}
+		s.retried.Add(1)
 	}
 }
 
@@ -226,12 +266,26 @@ func (o *exporterOps) InvalidateRangeStart(r *notifier.Range) error {
 		s.refused.Add(1)
 		return fmt.Errorf("xpmem: invalidation of [%#x, %#x) must message a remote partition: %w", lo, hi, gomm.ErrAgain)
 	}
+	s.exp.mu.Lock()
+	s.exp.active++
+	s.exp.mu.Unlock()
 	s.invalidateRemote(lo-s.start, hi-s.start)
 	return nil
 }
 
-// InvalidateRangeEnd has nothing to do: the importer refaults on demand.
-func (o *exporterOps) InvalidateRangeEnd(*notifier.Range) {}
+// InvalidateRangeEnd lets fault answers go again; the importer refaults
+// on demand.
+func (o *exporterOps) InvalidateRangeEnd(r *notifier.Range) {
+	s := (*Segment)(o)
+	if max(r.Start, s.start) >= min(r.End, s.start+s.len) {
+		return // its start did not count it
+	}
+	s.exp.mu.Lock()
+	s.exp.active--
+	s.exp.seq++
+	s.exp.mu.Unlock()
+	s.exp.ended.Broadcast()
+}
 
 // Release tells the importer the whole segment is gone.
 func (o *exporterOps) Release(notifier.MM) {
@@ -340,7 +394,7 @@ func (s *Segment) Stats() Stats {
 	s.exp.mu.Lock()
 	lat := slices.Clone(s.exp.latencies)
 	s.exp.mu.Unlock()
-	return Stats{FaultRequests: s.faultRequests.Load(), Discarded: s.discarded.Load(),
+	return Stats{FaultRequests: s.faultRequests.Load(), Discarded: s.discarded.Load(), Retried: s.retried.Load(),
 		Invalidations: s.invalidations.Load(), Refused: s.refused.Load(), Reads: s.reads.Load(), Latencies: lat}
 }
 
