@@ -97,7 +97,12 @@ func (mm *MM) setMergeable(start, end uint64, on bool) error {
 		mm.mmapLock.Unlock()
 		return err
 	}
-	for _, v := range mm.isolate(start, end) {
+	vs, err := mm.isolate(start, end)
+	if err != nil {
+		mm.mmapLock.Unlock()
+		return err
+	}
+	for _, v := range vs {
 		switch {
 		case !v.anonymous() || v.shared():
 		case on:

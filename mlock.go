@@ -33,7 +33,12 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 		mm.mmapLock.Unlock()
 		return err
 	}
-	for _, v := range mm.isolate(start, end) {
+	vs, err := mm.isolate(start, end)
+	if err != nil {
+		mm.mmapLock.Unlock()
+		return err
+	}
+	for _, v := range vs {
 		if lock {
 			v.SetFlags(rmap.VMLocked)
 		} else {

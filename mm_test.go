@@ -276,9 +276,10 @@ func TestMremapMoveOutOfMemoryMovesNothing(t *testing.T) {
 	cpu.Switch(tlbIdle())
 }
 
-// TestMprotectOfPartOfAHugeLeafFailsCleanly: the split mprotect needs can
-// run out of memory; it must then change nothing, not leave the leaf
-// writable under a read-only VMA (review finding).
+// TestMprotectOfPartOfAHugeLeafFailsCleanly: the split mprotect (or any
+// VMA split inside a huge leaf) needs can run out of memory; it must then
+// change nothing, not leave the leaf writable under a read-only VMA
+// (review finding) nor spanning two VMAs.
 func TestMprotectOfPartOfAHugeLeafFailsCleanly(t *testing.T) {
 	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 2048})
 	mm := m.NewMM()
@@ -307,6 +308,11 @@ func TestMprotectOfPartOfAHugeLeafFailsCleanly(t *testing.T) {
 	assert.ErrorIs(t, mm.Mprotect(addr, page, gomm.ProtRead), gomm.ErrNoMem)
 	assert.Equal(t, before, mm.VMAs(), "nothing changed")
 	assert.ErrorIs(t, mm.Munmap(addr, page), gomm.ErrNoMem, "munmap of part of the leaf too")
+	// And every other VMA split inside the leaf: a leaf cannot span two
+	// VMAs, and none of these may split the VMA and leave it so.
+	assert.ErrorIs(t, mm.Mlock(addr, page), gomm.ErrNoMem, "mlock")
+	assert.ErrorIs(t, mm.Madvise(addr, page, gomm.MadvMergeable), gomm.ErrNoMem, "MADV_MERGEABLE")
+	assert.ErrorIs(t, mm.Madvise(addr, page, gomm.MadvHugePage), gomm.ErrNoMem, "MADV_HUGEPAGE")
 	assert.Equal(t, before, mm.VMAs())
 
 	for _, f := range hog {

@@ -210,10 +210,10 @@ func checkRange(op string, addr, length uint64) (start, end uint64, err error) {
 // neighbours, flush, free (do_vmi_munmap). Called with mmap_lock held
 // for write.
 func (mm *MM) unmapLocked(start, end uint64) error {
-	if err := mm.splitPartialHuge(start, end); err != nil {
+	vs, err := mm.isolate(start, end)
+	if err != nil {
 		return err // nothing changed yet
 	}
-	vs := mm.isolate(start, end)
 	if len(vs) == 0 {
 		return nil
 	}

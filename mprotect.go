@@ -29,12 +29,13 @@ func (mm *MM) Mprotect(addr, length uint64, prot Prot) error {
 	if err := mm.checkMapped("mprotect", start, end); err != nil {
 		return err
 	}
-	if err := mm.splitPartialHuge(start, end); err != nil {
+	vs, err := mm.isolate(start, end)
+	if err != nil {
 		return err
 	}
 	since := mm.m.chk.BeginDowngrade()
 	revoked := ProtNone
-	for _, v := range mm.isolate(start, end) {
+	for _, v := range vs {
 		revoked |= v.prot &^ prot
 		v.setProt(prot)
 	}
@@ -81,27 +82,13 @@ func (mm *MM) changeProtection(start, end uint64, prot Prot) {
 			return true
 		},
 		PMD: func(s pagetable.PMDSlot) bool {
-			// splitPartialHuge left only leaves the range covers whole.
+			// isolate left only leaves the range covers whole.
 			if e := s.Get(); e.IsPresent() {
 				_, _ = s.Set(fix(e))
 			}
 			return true
 		},
 	})
-}
-
-// splitPartialHuge splits the huge leaves [start, end) covers only in
-// part, before an operation changes anything, so that the operation
-// itself cannot fail half-way: a split needs a page table, which can run
-// out. A split keeps every translation, so a failure here leaves nothing
-// to undo.
-func (mm *MM) splitPartialHuge(start, end uint64) error {
-	for _, edge := range []uint64{start, end} {
-		if err := mm.splitHugeAt(edge); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // splitHugeAt splits the huge leaf around addr unless addr is its first
@@ -210,7 +197,11 @@ func (mm *MM) setVMAFlags(op string, start, end uint64, set, clear rmap.VMFlags)
 	if err := mm.checkMapped(op, start, end); err != nil {
 		return err
 	}
-	for _, v := range mm.isolate(start, end) {
+	vs, err := mm.isolate(start, end)
+	if err != nil {
+		return err
+	}
+	for _, v := range vs {
 		v.ClearFlags(clear)
 		v.SetFlags(set)
 	}

@@ -69,7 +69,9 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 		return oldStart, nil
 	case flags&MremapFixed == 0 && v.End == oldEnd && oldEnd <= TaskSize-(size-oldSize) &&
 		len(mm.vmas.overlapping(oldEnd, oldStart+size)) == 0:
-		mm.splitAt(oldStart)
+		if err := mm.splitAt(oldStart); err != nil {
+			return 0, err
+		}
 		v = mm.vmas.lookup(oldStart)
 		mm.m.anonVMAs.Adjust(&v.VMA, v.Start, oldStart+size, v.PgOff)
 		mm.mergeAround(oldStart, v.End)

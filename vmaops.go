@@ -78,31 +78,42 @@ func (v *vma) dup(to *MM) *vma {
 
 // splitAt cuts the VMA containing addr in two at addr, if addr is inside
 // it (__split_vma): the tail shares the anon_vma and the chains, and
-// both are re-keyed in the reverse maps.
-func (mm *MM) splitAt(addr uint64) {
+// both are re-keyed in the reverse maps. A huge leaf cannot span two
+// VMAs (vma_adjust_trans_huge), so the leaf around addr is split first;
+// if that fails (a leaf mapped through Table() without a deposit, with
+// RAM full), nothing changes.
+func (mm *MM) splitAt(addr uint64) error {
 	v := mm.vmas.lookup(addr)
 	if v == nil || v.Start == addr {
-		return
+		return nil
 	}
-	// A huge leaf cannot span two VMAs (vma_adjust_trans_huge). The
-	// leaves faults make have deposited tables, so this split cannot
-	// fail; a leaf mapped through Table() without one may, and stays
-	// whole: operations that act on part of it split it themselves first
-	// and fail cleanly if they cannot.
-	_ = mm.splitHugeAt(addr)
+	if err := mm.splitHugeAt(addr); err != nil {
+		return err
+	}
 	tail := v.dup(mm)
 	tail.Start, tail.PgOff = addr, v.Index(addr)
 	_ = mm.m.anonVMAs.Clone(&tail.VMA, &v.VMA) // tail is fresh: cannot fail
 	mm.m.anonVMAs.Adjust(&v.VMA, v.Start, addr, v.PgOff)
 	mm.insertVMA(tail)
+	return nil
 }
 
 // isolate splits VMAs so that [start, end) begins and ends on VMA
-// boundaries and returns the VMAs inside it.
-func (mm *MM) isolate(start, end uint64) []*vma {
-	mm.splitAt(start)
-	mm.splitAt(end)
-	return mm.vmas.overlapping(start, end)
+// boundaries and returns the VMAs inside it. The huge leaves the edges
+// cut are split before any VMA is, so an error leaves everything as it
+// was: callers fail before they change anything.
+func (mm *MM) isolate(start, end uint64) ([]*vma, error) {
+	for _, edge := range [2]uint64{start, end} {
+		if err := mm.splitHugeAt(edge); err != nil {
+			return nil, err
+		}
+	}
+	for _, edge := range [2]uint64{start, end} {
+		if err := mm.splitAt(edge); err != nil {
+			return nil, err // cannot happen: no leaf is left to split
+		}
+	}
+	return mm.vmas.overlapping(start, end), nil
 }
 
 // canMerge reports whether b, which follows a, can become part of it
