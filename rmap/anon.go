@@ -52,7 +52,6 @@ type AnonVMA struct {
 	numChildren   int                // anon_vmas whose parent this is (plus a self link for a root)
 	numActiveVMAs int                // VMAs whose anon_vma this is
 	tree          itree.Tree[*Chain] // the chains, keyed by their VMA's page-offset range
-	freed         bool
 }
 
 // ID returns a stable identity, for reports.
@@ -263,7 +262,6 @@ func (p *Pool) put(av *AnonVMA) {
 }
 
 func (p *Pool) free(av *AnonVMA) {
-	av.freed = true
 	p.live.Add(-1)
 	if p.OnFree != nil {
 		p.OnFree(av)
@@ -287,19 +285,13 @@ func (av *AnonVMA) VMAsAt(index uint64) iter.Seq[*VMA] {
 // (PageAnon).
 func (av *AnonVMA) IsAnon() bool { return true }
 
-// lockFamily takes av's family lock, for read or write, or only tries
-// to when try is set; it reports whether the lock is held.
-func (av *AnonVMA) lockFamily(write, try bool) bool {
+// lockFamily takes av's family lock for read (walks only read), or only
+// tries to when try is set; it reports whether the lock is held.
+func (av *AnonVMA) lockFamily(try bool) bool {
 	s := &av.root.rwsem
-	switch {
-	case write && try:
-		return s.TryLock()
-	case write:
-		s.Lock()
-	case try:
+	if try {
 		return s.TryRLock()
-	default:
-		s.RLock()
 	}
+	s.RLock()
 	return true
 }

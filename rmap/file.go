@@ -67,9 +67,11 @@ func (f *File) Size() uint64 {
 func (f *File) SetSize(size uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for idx := range f.store {
-		if idx*pageSize >= size {
-			delete(f.store, idx) // what was past a new end reads as zeros
+	if size < f.size { // growing leaves nothing past the end to forget
+		for idx := range f.store {
+			if idx*pageSize >= size {
+				delete(f.store, idx) // what was past a new end reads as zeros
+			}
 		}
 	}
 	f.size = size

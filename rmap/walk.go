@@ -52,7 +52,7 @@ func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64) b
 	if av == nil {
 		return false
 	}
-	if !av.lockFamily(false, c.TryLock) {
+	if !av.lockFamily(c.TryLock) {
 		return true
 	}
 	defer av.root.rwsem.RUnlock()
