@@ -128,7 +128,12 @@ type SwapType uint8
 
 // Swap types.
 const (
-	MaxSwapFiles                 = 24
+	MaxSwapFiles                    = 21
+	SwapDevicePrivateRead  SwapType = 21 // SWP_DEVICE_READ
+	SwapDevicePrivateWrite SwapType = 22 // SWP_DEVICE_WRITE
+	// SwapDeviceExclusive stands for a present, writable mapping a
+	// device has taken for itself (make_device_exclusive): the CPU
+	// faults on it and takes the page back.
 	SwapDeviceExclusive SwapType = 24 // SWP_DEVICE_EXCLUSIVE
 	SwapMigrationRead   SwapType = 25 // SWP_MIGRATION_READ
 	SwapMigrationReadEx SwapType = 26 // SWP_MIGRATION_READ_EXCLUSIVE
@@ -162,11 +167,7 @@ func NewMigrationPTE(pfn uint64, writable bool) PTE {
 	if writable {
 		t = SwapMigrationWrite
 	}
-	e, err := NewSwapPTE(SwapEntry{Type: t, Offset: pfn}, 0)
-	if err != nil {
-		panic(err) // pfn > MaxSwapOffset cannot come from a valid PTE
-	}
-	return e
+	return mustSwapPTE(SwapEntry{Type: t, Offset: pfn})
 }
 
 // IsSwap reports whether the entry is a valid swap-format entry of any
@@ -195,6 +196,72 @@ func (e PTE) SwapBits() PTE { return e & swapBitsMask }
 func (e PTE) IsMigration() bool {
 	s, ok := e.Swap()
 	return ok && s.Type >= SwapMigrationRead && s.Type <= SwapMigrationWrite
+}
+
+// NewDevicePrivatePTE encodes an entry for device-private frame pfn
+// (make_writable_device_private_entry / make_readable_...): the CPU cannot
+// map device memory, so the entry is non-present and a CPU access faults
+// to the device's driver, which migrates the page back to RAM.
+func NewDevicePrivatePTE(pfn uint64, writable bool) PTE {
+	t := SwapDevicePrivateRead
+	if writable {
+		t = SwapDevicePrivateWrite
+	}
+	return mustSwapPTE(SwapEntry{Type: t, Offset: pfn})
+}
+
+// NewDeviceExclusivePTE encodes a device-exclusive entry for frame pfn
+// (make_device_exclusive_entry): the page stays where it is, mapped
+// writable in spirit, but only the device may touch it until a CPU
+// access takes it back.
+func NewDeviceExclusivePTE(pfn uint64) PTE {
+	return mustSwapPTE(SwapEntry{Type: SwapDeviceExclusive, Offset: pfn})
+}
+
+func mustSwapPTE(s SwapEntry) PTE {
+	e, err := NewSwapPTE(s, 0)
+	if err != nil {
+		panic(err) // pfn > MaxSwapOffset cannot come from a valid PTE
+	}
+	return e
+}
+
+// IsDevicePrivate reports whether the entry names a device-private
+// frame (is_device_private_entry).
+func (e PTE) IsDevicePrivate() bool {
+	s, ok := e.Swap()
+	return ok && (s.Type == SwapDevicePrivateRead || s.Type == SwapDevicePrivateWrite)
+}
+
+// IsDeviceExclusive reports whether the entry is a device-exclusive
+// entry (is_device_exclusive_entry).
+func (e PTE) IsDeviceExclusive() bool {
+	s, ok := e.Swap()
+	return ok && s.Type == SwapDeviceExclusive
+}
+
+// HeldFrame returns the frame a non-present entry still counts as a
+// mapping of, with a reference and a map count, as a present entry
+// would: a device-private or a device-exclusive entry's. Swap and
+// migration entries hold no frame.
+func (e PTE) HeldFrame() (pfn uint64, ok bool) {
+	s, isSwap := e.Swap()
+	if !isSwap {
+		return 0, false
+	}
+	switch s.Type {
+	case SwapDevicePrivateRead, SwapDevicePrivateWrite, SwapDeviceExclusive:
+		return s.Offset, true
+	}
+	return 0, false
+}
+
+// IsSwapWritable reports whether a migration or device-private entry
+// stands for a writable mapping (is_writable_migration_entry,
+// is_writable_device_private_entry); a device-exclusive entry always does.
+func (e PTE) IsSwapWritable() bool {
+	s, ok := e.Swap()
+	return ok && (s.Type == SwapMigrationWrite || s.Type == SwapDevicePrivateWrite || s.Type == SwapDeviceExclusive)
 }
 
 // PoisonPTE fills every entry of a freed page table once lockless walkers

@@ -96,6 +96,39 @@ func TestSwapEntries(t *testing.T) {
 	assert.False(t, NewPTE(1, 0).IsMigration())
 }
 
+func TestEntryKinds(t *testing.T) {
+	swap, _ := NewSwapPTE(SwapEntry{MaxSwapFiles - 1, 5}, 0)
+	tests := []struct {
+		name                          string
+		e                             PTE
+		migration, private, exclusive bool
+		held                          bool
+		writable                      bool
+	}{
+		{"present", NewPTE(7, Write), false, false, false, false, false},
+		{"swap", swap, false, false, false, false, false},
+		{"migration read", NewMigrationPTE(7, false), true, false, false, false, false},
+		{"migration write", NewMigrationPTE(7, true), true, false, false, false, true},
+		{"device private read", NewDevicePrivatePTE(7, false), false, true, false, true, false},
+		{"device private write", NewDevicePrivatePTE(7, true), false, true, false, true, true},
+		{"device exclusive", NewDeviceExclusivePTE(7), false, false, true, true, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.migration, tc.e.IsMigration())
+			assert.Equal(t, tc.private, tc.e.IsDevicePrivate())
+			assert.Equal(t, tc.exclusive, tc.e.IsDeviceExclusive())
+			assert.Equal(t, tc.writable, tc.e.IsSwapWritable())
+			pfn, held := tc.e.HeldFrame()
+			assert.Equal(t, tc.held, held)
+			if held {
+				assert.Equal(t, uint64(7), pfn)
+				assert.False(t, tc.e.IsPresent())
+			}
+		})
+	}
+}
+
 func TestPoisonIsNothingElse(t *testing.T) {
 	assert.False(t, PoisonPTE.IsPresent())
 	assert.False(t, PoisonPTE.IsSwap(), "no valid entry decodes as poison")

@@ -16,6 +16,7 @@ import (
 var (
 	ErrInvalid = errno.ErrInvalid
 	ErrNoMem   = errno.ErrNoMem
+	ErrBusy    = errno.ErrBusy
 	// ErrFreed: the frame is free. Returned by Get and Put on a free frame
 	// (use after free, double free) and by writes to one; the frame is left
 	// as it was.
@@ -95,6 +96,10 @@ type Allocator struct {
 	hooks  atomic.Pointer[[]hookEntry] // copy-on-write; read on every free
 	hookID uint64                      // protected by hookMu
 
+	// regions are the device-private regions, in PFN order above RAM;
+	// copy-on-write, appended under mu.
+	regions atomic.Pointer[[]*DeviceRegion]
+
 	allocs, frees, failures, badPuts, badStates atomic.Uint64
 	hugeAllocs, hugeFailures                    atomic.Uint64
 }
@@ -144,6 +149,9 @@ func (a *Allocator) Frames() int { return a.nframes }
 // Frame returns the frame with the given PFN (pfn_to_page), free or not.
 func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
 	if pfn >= PFN(a.nframes) {
+		if r := a.region(pfn); r != nil {
+			return &r.frames[pfn-r.first], nil
+		}
 		return nil, fmt.Errorf("physmem: pfn %#x beyond %d frames: %w", pfn, a.nframes, ErrInvalid)
 	}
 	return a.frame(uint32(pfn)), nil
@@ -378,6 +386,12 @@ func (a *Allocator) free1(f *Frame) error {
 	f.gen.Add(1)
 	f.flags.Store(0)
 	f.mapping, f.index, f.private = nil, 0, 0
+	if f.device != 0 {
+		r := a.region(PFN(f.pfn))
+		r.frees.Add(1)
+		r.release(f)
+		return nil
+	}
 	a.frees.Add(1)
 
 	a.mu.Lock()

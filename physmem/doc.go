@@ -34,6 +34,16 @@
 // no compaction, and a huge allocation that finds no such block fails at
 // once, as a THP fault's opportunistic allocation does.
 //
+// # Device-private memory
+//
+// AddDeviceRegion gives a device's private memory frames of its own
+// (memremap_pages, MEMORY_DEVICE_PRIVATE), numbered above RAM so that a
+// PFN names one frame machine-wide. They are never on the free list: the
+// device's driver hands one out with DeviceRegion.Init, and the Put of
+// its last reference runs the free hooks (the checker sees device frames
+// freed too) and then returns it to the driver through the region's
+// release function (dev_pagemap_ops.page_free).
+//
 // Get or Put on a free frame (use after free,
 // double free) is refused with ErrFreed and counted, never absorbed; a free
 // of a frame that is still mapped or locked is reported as ErrBadState.

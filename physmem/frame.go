@@ -103,11 +103,11 @@ const PoisonWord = 0x6b6b6b6b6b6b6b6b
 // on a hashed wait table, as in the kernel, so it costs no space.
 type Frame struct {
 	pfn      uint32
-	gen      atomic.Uint32 // bumped on every free
-	refcount atomic.Int32  // 0 = free
-	mapcount atomic.Int32  // page-table mappings of this frame
-	flags    atomic.Uint32 // Flags
-	_        uint32
+	gen      atomic.Uint32            // bumped on every free
+	refcount atomic.Int32             // 0 = free
+	mapcount atomic.Int32             // page-table mappings of this frame
+	flags    atomic.Uint32            // Flags
+	device   uint32                   // 1 for a device-private frame; set before the frame is published, never changed
 	data     atomic.Pointer[pageData] // nil (zero page) until first write; poisonData while free
 
 	// mapping and index are the rmap's: which anon_vma or address_space
@@ -121,6 +121,11 @@ type Frame struct {
 	// Protected by the page lock.
 	private uint64
 }
+
+// IsDevicePrivate reports whether the frame is device-private memory
+// (is_device_private_page): it belongs to a DeviceRegion, not to RAM,
+// and the CPU cannot map it.
+func (f *Frame) IsDevicePrivate() bool { return f.device != 0 }
 
 // PFN returns the frame number.
 func (f *Frame) PFN() PFN { return PFN(f.pfn) }
