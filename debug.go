@@ -59,6 +59,9 @@ func (m *Machine) CheckRmap(mms ...*MM) error {
 						switch {
 						case e.IsPresent() && e&pagetable.Special == 0:
 							maps_[e.PFN()] = append(maps_[e.PFN()], place{mm.space(), pt.VA(i)})
+						case e.IsDevicePrivate() || e.IsDeviceExclusive():
+							pfn, _ := e.HeldFrame()
+							maps_[pfn] = append(maps_[pfn], place{mm.space(), pt.VA(i)})
 						case e.IsSwap() && !e.IsMigration():
 							s, _ := e.Swap()
 							slots[s.Offset]++

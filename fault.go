@@ -14,7 +14,9 @@ import (
 // demand-zero for anonymous memory (the shared zero page on a read, a new
 // zeroed frame on a write), the page cache for a file mapping (a private
 // one copies the page on the first write), swap-in of a swapped-out page,
-// a wait for a migration to finish, write faults on the zero page, on a
+// a wait for a migration to finish, a device-private page's migration
+// back to RAM by its driver, a device-exclusive page taken back from its
+// device, write faults on the zero page, on a
 // shared page or on a read-only private page (copy-on-write, or reuse
 // when nobody else maps it), and spurious faults (the entry is already
 // fine: the TLB was stale). It returns nil when the access can be
@@ -49,6 +51,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return err
 		}
 	}
+	deviceFaults := 0
 	for {
 		pt, err := mm.allocLockPTE(page)
 		if errors.Is(err, pagetable.ErrBusy) {
@@ -88,6 +91,12 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			pt.Unlock()
 			mm.m.waitMigration(e)
 			retry = true
+		case e.IsDeviceExclusive():
+			pt.Unlock()
+			retry, err = mm.restoreExclusive(v, page, e)
+		case e.IsDevicePrivate():
+			pt.Unlock()
+			retry, err = mm.deviceFault(v, page, e, write, &deviceFaults)
 		case e.IsSwap():
 			pt.Unlock()
 			retry, err = mm.swapIn(v, page, e, write)

@@ -106,9 +106,31 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 		PTEs: func(pt pagetable.PTETable, first, last int) bool {
 			for i := first; i < last; i++ {
 				e := pt.Get(i)
+				if e.IsDeviceExclusive() {
+					// The device's claim ends with the parent's
+					// invalidation, open since copyMM began; the page is
+					// copied as the mapping it stands for.
+					e = v.RestoreExclusive(e)
+					pt.Set(i, e)
+				}
 				switch {
 				case e.IsNone():
 					continue
+				case e.IsDevicePrivate():
+					pfn, _ := e.HeldFrame()
+					f, err := mm.m.ram.Frame(physmem.PFN(pfn))
+					if err == nil {
+						err = mm.m.ram.Get(f)
+					}
+					if err != nil {
+						ferr = err
+						return false
+					}
+					f.IncMapCount()
+					if e.IsSwapWritable() && !v.shared() {
+						e = pagetable.NewDevicePrivatePTE(pfn, false)
+						pt.Set(i, e)
+					}
 				case e.IsMigration():
 					if s, _ := e.Swap(); s.Type == pagetable.SwapMigrationWrite && !v.shared() {
 						e = pagetable.NewMigrationPTE(s.Offset, false)
@@ -166,7 +188,7 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 		}
 		pt.Set(pt.Index(c.va), c.e)
 		pt.Unlock()
-		if c.e.IsPresent() && c.e&pagetable.Special == 0 {
+		if _, held := c.e.HeldFrame(); held || c.e.IsPresent() && c.e&pagetable.Special == 0 {
 			child.rss.Add(1)
 		}
 	}
@@ -176,6 +198,9 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 // dropCopied gives back the references and mappings a copied entry
 // would have held.
 func (mm *MM) dropCopied(e pagetable.PTE) {
+	if pfn, held := e.HeldFrame(); held {
+		e = pagetable.NewPTE(pfn, 0)
+	}
 	if !e.IsPresent() {
 		mm.m.zapEntry(e)
 		return

@@ -40,16 +40,26 @@ type HMMRange struct {
 	// or for writing, which breaks copy-on-write); without them it only
 	// reports what is mapped.
 	Fault, FaultWrite bool
-	PFNs              []PFN // filled, one per page; allocated if too short
+	// DevicePrivateOwner is the driver's pagemap owner
+	// (dev_private_owner): a page migrated to that device's memory is
+	// reported as it is, with its device PFN, instead of being faulted
+	// back to RAM. Nil matches no device memory.
+	DevicePrivateOwner any
+	PFNs               []PFN // filled, one per page; allocated if too short
 }
 
 // RangeFault snapshots (and, if asked, faults in) the translations of
 // r's range for a mirroring device (hmm_range_fault). It takes mmap_lock
 // for read. If an invalidation reached r.Interval since r.NotifierSeq it
-// returns ErrBusy and the driver starts over with a new ReadBegin; if a
-// page cannot be faulted in it returns ErrFault with that page flagged
-// PFNError. Success is only a snapshot: the driver installs it under its
-// own lock after Interval.ReadRetry(r.NotifierSeq) says nothing changed.
+// returns ErrBusy and the driver starts over with a new ReadBegin. A page
+// outside every mapping, or in one that cannot be read, is flagged
+// PFNError; if it was to be faulted in, RangeFault stops there with
+// ErrFault, or ErrPerm for a write to a mapping that forbids it. Pages
+// not present and not to be faulted in are reported with no flags: a
+// device-exclusive page, and device memory of any device but
+// r.DevicePrivateOwner. Success is only a snapshot: the driver installs
+// it under its own lock after Interval.ReadRetry(r.NotifierSeq) says
+// nothing changed.
 func (mm *MM) RangeFault(r *HMMRange) error {
 	if r.Start%PageSize != 0 || r.End%PageSize != 0 || r.End <= r.Start || r.End > TaskSize || r.Interval == nil {
 		return fmt.Errorf("gomm: range fault [%#x, %#x): %w", r.Start, r.End, ErrInvalid)
@@ -75,14 +85,25 @@ func (mm *MM) RangeFault(r *HMMRange) error {
 		}
 		va := r.Start + uint64(i)*PageSize
 		v := mm.vmas.lookup(va)
-		if v == nil {
+		if v == nil || v.prot&ProtRead == 0 {
+			r.PFNs[i].Flags = PFNError
 			if r.Fault || r.FaultWrite {
-				r.PFNs[i].Flags = PFNError
-				return fmt.Errorf("gomm: range fault at %#x: no mapping: %w", va, ErrFault)
+				return fmt.Errorf("gomm: range fault at %#x: no readable mapping: %w", va, ErrFault)
 			}
 			continue
 		}
+		if r.FaultWrite && v.prot&ProtWrite == 0 {
+			r.PFNs[i].Flags = PFNError
+			return fmt.Errorf("gomm: range fault at %#x: mapping %v is read-only: %w", va, v, ErrPerm)
+		}
 		e, level := mm.table.Lookup(va)
+		if pfn, ok := mm.ownDevicePage(e, r.DevicePrivateOwner); ok {
+			r.PFNs[i] = PFN{PFN: pfn, Flags: PFNValid}
+			if e.IsSwapWritable() {
+				r.PFNs[i].Flags |= PFNWrite
+			}
+			continue
+		}
 		if (r.Fault || r.FaultWrite) && (!e.IsPresent() || (r.FaultWrite && !e.IsWritable())) {
 			if err := mm.faultLocked(v, va, acc); err != nil {
 				r.PFNs[i].Flags = PFNError
@@ -110,6 +131,17 @@ func (mm *MM) RangeFault(r *HMMRange) error {
 		return fmt.Errorf("gomm: range fault [%#x, %#x): invalidated: %w", r.Start, r.End, ErrBusy)
 	}
 	return nil
+}
+
+// ownDevicePage returns the device page e maps if it is device memory
+// of owner's.
+func (mm *MM) ownDevicePage(e pagetable.PTE, owner any) (uint64, bool) {
+	if owner == nil || !e.IsDevicePrivate() {
+		return 0, false
+	}
+	pfn, _ := e.HeldFrame()
+	p := mm.m.pagemapOf(pfn)
+	return pfn, p != nil && p.owner == owner
 }
 
 // Cache is a translation cache the checker can inspect: a driver

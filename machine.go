@@ -19,6 +19,7 @@ var (
 	ErrFault   = errno.ErrFault   // EFAULT / SIGSEGV: no mapping, or the access is not allowed
 	ErrExist   = errno.ErrExist   // EEXIST: MAP_FIXED_NOREPLACE found a mapping
 	ErrClosed  = errno.ErrClosed  // the MM has exited
+	ErrPerm    = errno.ErrPerm    // EACCES / EPERM: the mapping does not allow what was asked
 )
 
 // Violation is one breach of the invariant found by the checker.
@@ -67,6 +68,7 @@ type Machine struct {
 	reclaimed reclaimCounters
 	ksm       *ksm
 	thp       thpCounters
+	pagemaps  pagemaps // device-private memory
 }
 
 // NewMachine builds a machine.

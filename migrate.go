@@ -31,30 +31,44 @@ func (m *Machine) Migrate(pfn uint64, owner any) (uint64, error) {
 	if f == m.zero || !m.ram.TryGet(f) {
 		return 0, fmt.Errorf("gomm: migrate pfn %#x: not in use: %w", pfn, ErrBusy)
 	}
-	dst, err := m.migrate(f, owner)
+	dst, err := m.migrate(f, owner, m.allocFrame, nil)
 	if err != nil {
 		return 0, err
 	}
 	return uint64(dst.PFN()), nil
 }
 
-// migrate moves f and consumes the caller's reference to it: on success
-// f is freed with it, on failure it is dropped. It returns the new
+// migrate moves f to the frame alloc returns (with one reference) and
+// consumes the caller's reference to f: on success f is freed with it,
+// on failure it is dropped. migrated, if set, runs once the mappings
+// point at the new frame and before f is freed. It returns the new
 // frame, which the caller holds no reference to.
-func (m *Machine) migrate(f *physmem.Frame, owner any) (*physmem.Frame, error) {
-	dst, err := m.allocFrame()
+func (m *Machine) migrate(f *physmem.Frame, owner any, alloc func() (*physmem.Frame, error), migrated func(src, dst *physmem.Frame)) (*physmem.Frame, error) {
+	dst, err := alloc()
 	if err != nil {
+		_ = m.ram.Put(f)
 		return nil, err
 	}
 	f.Lock()
 	mapping, _ := f.Mapping()
 	file, isFile := mapping.(*rmap.File)
 	inSwap := m.swap.cached(f)
-	if mapping == nil || f.MapCount() == 0 || (isFile && !file.Cached(f)) || f.Has(physmem.FlagKSM) {
+	why := ""
+	switch {
+	case mapping == nil || f.MapCount() == 0 || (isFile && !file.Cached(f)):
+		why = "not mapped"
+	case f.Has(physmem.FlagKSM):
+		why = "a KSM page"
+	case dst.IsDevicePrivate() && (isFile || inSwap):
+		// Device memory holds private anonymous pages only; a swap-cache
+		// page stays in RAM for the slot that names it.
+		why = "not private anonymous memory"
+	}
+	if why != "" {
 		f.Unlock()
 		_ = m.ram.Put(dst)
 		_ = m.ram.Put(f)
-		return nil, fmt.Errorf("gomm: migrate %v: not mapped: %w", f, ErrBusy)
+		return nil, fmt.Errorf("gomm: migrate %v: %s: %w", f, why, ErrBusy)
 	}
 	_ = dst.TryLock() // new and invisible to everybody: cannot fail
 	fail := func(why string) (*physmem.Frame, error) {
@@ -101,7 +115,12 @@ func (m *Machine) migrate(f *physmem.Frame, owner any) (*physmem.Frame, error) {
 		m.swap.replace(f, dst)
 	}
 	m.rmapEnv.RemoveMigrationEntries(f, dst)
-	m.lru.add(dst, f.Has(physmem.FlagActive))
+	if !dst.IsDevicePrivate() {
+		m.lru.add(dst, f.Has(physmem.FlagActive))
+	}
+	if migrated != nil {
+		migrated(f, dst)
+	}
 	dst.Unlock()
 	f.Unlock()
 	// f's references, ours among them, were frozen away: free it. The

@@ -238,10 +238,17 @@ func newGather(mm *MM) *mmugather.Gather {
 // MM's subscribers, or returns nil at the cost of one atomic load when
 // there are none. The caller holds mmap_lock until invalidateEnd.
 func (mm *MM) invalidateStart(start, end uint64, ev notifier.Event) *notifier.Range {
+	return mm.invalidateStartOwner(start, end, ev, nil)
+}
+
+// invalidateStartOwner is invalidateStart for an invalidation a device
+// causes and knows for its own (mmu_notifier_range_init_owner).
+func (mm *MM) invalidateStartOwner(start, end uint64, ev notifier.Event, owner any) *notifier.Range {
 	if !mm.notifiers.HasSubscribers() {
 		return nil
 	}
 	r := notifier.NewRange(mm, start, end, ev, notifier.Blockable)
+	r.Owner = owner
 	_ = mm.notifiers.InvalidateRangeStart(r) // a blockable start is never refused
 	return r
 }

@@ -74,6 +74,16 @@ func (mm *MM) changeProtection(start, end uint64, prot Prot) {
 			for i := first; i < last; i++ {
 				for {
 					e := pt.Get(i)
+					if pfn, held := e.HeldFrame(); held {
+						if e.IsDeviceExclusive() {
+							// The device has let go (the invalidation is
+							// open): the page is mapped again, as asked.
+							pt.Set(i, fix(pagetable.NewPTE(pfn, want|pagetable.Write|pagetable.Accessed|pagetable.Dirty)))
+						} else if prot&ProtWrite == 0 && e.IsSwapWritable() {
+							pt.Set(i, pagetable.NewDevicePrivatePTE(pfn, false))
+						}
+						break
+					}
 					if !e.IsPresent() || pt.CompareAndSet(i, e, fix(e)) {
 						break
 					}

@@ -11,8 +11,8 @@ import (
 type ZapStats struct {
 	Present int // present 4 KiB entries cleared (frames queued unless Special)
 	Huge    int // 2 MiB leaves cleared
-	Other   int // non-present entries (swap, migration) cleared
-	Frames  int // frame references queued for release
+	Other   int // non-present entries (swap, migration, device) cleared
+	Frames  int // frame references queued for release, device entries' too
 }
 
 // Zap clears every entry of [start, end) (page-aligned) into the gather
@@ -40,6 +40,24 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					}
 					old := pt.GetAndClear(i)
 					g.RemovePTE(pt.VA(i))
+					if pfn, held := old.HeldFrame(); held {
+						// A device-private or device-exclusive entry is a
+						// mapping of its frame like a present one, though
+						// no TLB holds it.
+						f, ferr := g.frame(pfn)
+						if ferr != nil {
+							err = ferr
+							continue
+						}
+						f.DecMapCount()
+						st.Other++
+						st.Frames++
+						if g.RemovePage(f) {
+							full, resume = true, pt.VA(i+1)
+							return false
+						}
+						continue
+					}
 					if !old.IsPresent() {
 						st.Other++
 						if g.nonPresent != nil {

@@ -33,6 +33,11 @@ type SwapRefs interface {
 // (split_huge_pmd_address, as TTU_SPLIT_HUGE_PMD asks), so the caller
 // acts on p's own entry; the split keeps every translation and uses the
 // leaf's deposited table, so it needs neither a flush nor memory.
+//
+// A device-exclusive entry for p becomes the present entry it stands
+// for: every caller has opened an invalidation of addr, so the device
+// has already let go of its claim. A device-private page's entry is
+// returned as it is, non-present.
 func (env *Env) mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PTETable, i int, e pagetable.PTE, ok bool) {
 	pt, ok, err := v.Space.Table().LockPTE(addr)
 	if errors.Is(err, pagetable.ErrBusy) {
@@ -45,6 +50,13 @@ func (env *Env) mappedAt(v *VMA, addr uint64, p *physmem.Frame) (pt pagetable.PT
 	}
 	i = pt.Index(addr)
 	e = pt.Get(i)
+	if pfn, held := e.HeldFrame(); held && pfn == uint64(p.PFN()) {
+		if e.IsDeviceExclusive() {
+			e = v.RestoreExclusive(e)
+			pt.Set(i, e)
+		}
+		return pt, i, e, true
+	}
 	if !e.IsPresent() || e.PFN() != uint64(p.PFN()) {
 		pt.Unlock()
 		return pt, 0, 0, false
@@ -98,6 +110,9 @@ func endRange(v *VMA, r *notifier.Range) {
 // frame.
 func (env *Env) clearFlush(v *VMA, pt pagetable.PTETable, i int, addr uint64) pagetable.PTE {
 	old := pt.GetAndClear(i)
+	if !old.IsPresent() {
+		return old // no TLB holds a non-present entry
+	}
 	env.TLB.FlushRange(v.Space.Context(), addr, addr+pageSize, pagetable.PageShift, false)
 	return old
 }
@@ -121,6 +136,9 @@ type UnmapResult struct {
 // zero.
 func (env *Env) TryToUnmap(p *physmem.Frame, tryLock bool) UnmapResult {
 	var res UnmapResult
+	if p.IsDevicePrivate() {
+		return res // device memory is never reclaimed, only migrated
+	}
 	anon := p.Has(physmem.FlagAnon)
 	c := &Control{
 		TryLock: tryLock,
@@ -253,7 +271,11 @@ func (env *Env) testClearYoung(v *VMA, addr uint64, p *physmem.Frame) (young, ma
 	}
 	defer pt.Unlock()
 	i := pt.Index(addr)
-	if e := pt.Get(i); !e.IsPresent() || e.PFN() != uint64(p.PFN()) {
+	e := pt.Get(i)
+	if pfn, held := e.HeldFrame(); held && pfn == uint64(p.PFN()) {
+		return true, true // a device is using it for itself
+	}
+	if !e.IsPresent() || e.PFN() != uint64(p.PFN()) {
 		return false, false
 	}
 	if pt.TestAndClearYoung(i) {
@@ -311,10 +333,15 @@ func (env *Env) TryToMigrate(p *physmem.Frame, owner any) int {
 				return true
 			}
 			old := env.clearFlush(v, pt, i, addr)
-			if old.IsDirty() {
+			writable := old.IsWritable()
+			switch {
+			case !old.IsPresent(): // a device-private page: device memory is always dirty
+				writable = old.IsSwapWritable()
+				p.SetFlags(physmem.FlagDirty)
+			case old.IsDirty():
 				p.SetFlags(physmem.FlagDirty)
 			}
-			pt.Set(i, pagetable.NewMigrationPTE(uint64(p.PFN()), old.IsWritable()))
+			pt.Set(i, pagetable.NewMigrationPTE(uint64(p.PFN()), writable))
 			pt.Unlock()
 			p.DecMapCount()
 			_ = env.RAM.Put(p)
@@ -330,8 +357,9 @@ func (env *Env) TryToMigrate(p *physmem.Frame, owner any) int {
 // (remove_migration_ptes): dst has taken over old's mapping and
 // contents, and both are locked. Each entry becomes a present, young
 // mapping of dst with the VMA's protection, writable if the original
-// was and the VMA still allows it; each takes a map count and a
-// reference on dst. It returns how many it restored.
+// was and the VMA still allows it, or, for a device-private dst, a
+// device-private entry; each takes a map count and a reference on dst.
+// It returns how many it restored.
 func (env *Env) RemoveMigrationEntries(old, dst *physmem.Frame) int {
 	n := 0
 	want := uint64(old.PFN())
@@ -347,8 +375,12 @@ func (env *Env) RemoveMigrationEntries(old, dst *physmem.Frame) int {
 		if !isSwap || !e.IsMigration() || s.Offset != want {
 			return true
 		}
+		writable := s.Type == pagetable.SwapMigrationWrite && v.Flags()&VMWrite != 0
 		ne := pagetable.NewPTE(uint64(dst.PFN()), v.PageProt()|pagetable.Accessed)
-		if s.Type == pagetable.SwapMigrationWrite && v.Flags()&VMWrite != 0 {
+		switch {
+		case dst.IsDevicePrivate():
+			ne = pagetable.NewDevicePrivatePTE(uint64(dst.PFN()), writable)
+		case writable:
 			ne |= pagetable.Write | pagetable.Dirty
 		}
 		if err := env.RAM.Get(dst); err != nil {

@@ -166,3 +166,15 @@ func (v *VMA) LockRmap() (unlock func()) {
 		}
 	}
 }
+
+// RestoreExclusive returns the present entry the device-exclusive entry
+// e stands for (restore_exclusive_pte): young and dirty, since the
+// device may have written, and writable if the VMA is.
+func (v *VMA) RestoreExclusive(e pagetable.PTE) pagetable.PTE {
+	pfn, _ := e.HeldFrame()
+	ne := pagetable.NewPTE(pfn, v.PageProt()|pagetable.Accessed|pagetable.Dirty)
+	if v.Flags()&VMWrite != 0 {
+		ne |= pagetable.Write
+	}
+	return ne
+}
