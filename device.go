@@ -140,11 +140,18 @@ type MigrateVMA struct {
 	// and ends the migration.
 	AllocDst func(va uint64, src *physmem.Frame) (*physmem.Frame, error)
 	// Migrated, if set, is called for each page moved, once every
-	// mapping points at dst and before src is freed, both locked: where
-	// a driver that skipped Owner's invalidations points its own page
-	// table at dst (dmirror_migrate_finalize_and_map). It must not call
-	// into the MM.
-	Migrated func(va uint64, src, dst *physmem.Frame)
+	// mapping points at the new frame and before the old one is freed,
+	// both locked: where a driver that skipped Owner's invalidations
+	// points its own page table at the new frame
+	// (dmirror_migrate_finalize_and_map). It must not call into the MM.
+	Migrated func(MigratedPage)
+}
+
+// MigratedPage is one page MigrateVMA moved.
+type MigratedPage struct {
+	Addr     uint64
+	Src, Dst *physmem.Frame
+	Writable bool // the entry at Addr allows writes
 }
 
 // MigrateVMA moves the selected pages of [a.Start, a.End) to new frames
@@ -200,7 +207,10 @@ func (mm *MM) migrateVMA(v *vma, a *MigrateVMA) (int, error) {
 		}
 		var migrated func(src, dst *physmem.Frame)
 		if a.Migrated != nil {
-			migrated = func(src, dst *physmem.Frame) { a.Migrated(va, src, dst) }
+			migrated = func(src, dst *physmem.Frame) {
+				e, _ := mm.table.Lookup(va)
+				a.Migrated(MigratedPage{Addr: va, Src: src, Dst: dst, Writable: e.IsPresent() && e.IsWritable() || e.IsDevicePrivate() && e.IsSwapWritable()})
+			}
 		}
 		_, err := mm.m.migrate(src, a.Owner, alloc, migrated)
 		switch {
@@ -277,16 +287,14 @@ func (mm *MM) deviceFault(v *vma, page uint64, e pagetable.PTE, write bool, trie
 	if *tries++; *tries > maxDeviceFaults {
 		return false, fmt.Errorf("gomm: fault at %#x: device memory's driver does not give the page back: %w", page, ErrFault)
 	}
+	// No reference is held across the call: the migration it asks for
+	// freezes the page's references, and the driver finds the page again
+	// by address (the kernel passes its own as migrate_vma.fault_page).
 	pfn, _ := e.HeldFrame()
 	p := mm.m.pagemapOf(pfn)
-	f, err := mm.m.ram.Frame(physmem.PFN(pfn))
-	if p == nil || err != nil {
+	if p == nil {
 		return false, fmt.Errorf("gomm: fault at %#x: entry %v names no device page: %w", page, e, ErrFault)
 	}
-	if !mm.m.ram.TryGet(f) {
-		return true, nil // migrated and freed meanwhile: look again
-	}
-	defer func() { _ = mm.m.ram.Put(f) }()
 	if err := p.ops.MigrateToRAM(&DeviceFault{mm: mm, vma: v, Addr: page, PFN: pfn, Write: write}); err != nil {
 		return false, fmt.Errorf("gomm: fault at %#x: device page %#x: %w", page, pfn, errors.Join(ErrFault, err))
 	}

@@ -97,7 +97,7 @@ func (mm *MM) RangeFault(r *HMMRange) error {
 			return fmt.Errorf("gomm: range fault at %#x: mapping %v is read-only: %w", va, v, ErrPerm)
 		}
 		e, level := mm.table.Lookup(va)
-		if pfn, ok := mm.ownDevicePage(e, r.DevicePrivateOwner); ok {
+		if pfn, ok := mm.ownDevicePage(e, r.DevicePrivateOwner); ok && (!r.FaultWrite || e.IsSwapWritable()) {
 			r.PFNs[i] = PFN{PFN: pfn, Flags: PFNValid}
 			if e.IsSwapWritable() {
 				r.PFNs[i].Flags |= PFNWrite

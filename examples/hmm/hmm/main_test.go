@@ -1,0 +1,9 @@
+package hmm
+
+import (
+	"testing"
+
+	"github.com/gomm-dev/gomm/internal/testmain"
+)
+
+func TestMain(m *testing.M) { testmain.Run(m) }
