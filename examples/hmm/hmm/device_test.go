@@ -1,6 +1,7 @@
 package hmm
 
 import (
+	"bytes"
 	"encoding/binary"
 	"sync"
 	"sync/atomic"
@@ -16,7 +17,7 @@ const (
 	rw    = gomm.ProtRead | gomm.ProtWrite
 	anon  = gomm.MapPrivate | gomm.MapAnonymous
 	base  = uint64(0x1000_0000)
-	words = PageSize / 8
+	words = PageSize / 8 // 64-bit words in a page
 )
 
 // world is one test's machine, process and device, with the checker on.
@@ -567,4 +568,18 @@ func TestAtomicsAgainstCPU(t *testing.T) {
 	}
 	st := w.dev.Stats()
 	t.Logf("claims %d, revoked %d", st.Exclusive, st.Revoked)
+}
+
+func TestDemo(t *testing.T) {
+	var out bytes.Buffer
+	rep, err := RunDemo(&out, DemoConfig{Pages: 16, Rounds: 80})
+	require.NoError(t, err, out.String())
+	assert.Zero(t, rep.Violations)
+	assert.True(t, rep.CountersExact)
+	assert.NotZero(t, rep.Device.ToDevice)
+	assert.NotZero(t, rep.Device.CPUFaults)
+	assert.NotZero(t, rep.Device.OwnSkipped)
+	assert.Contains(t, out.String(), "checker violations")
+	_, err = RunDemo(&out, DemoConfig{Pages: 1})
+	assert.ErrorIs(t, err, gomm.ErrInvalid)
 }
