@@ -340,3 +340,65 @@ func TestRegisterNotifierHonoursItsContext(t *testing.T) {
 	assert.ErrorIs(t, err, gomm.ErrInvalid)
 	require.NoError(t, mm.Exit())
 }
+
+// cachingDevice caches one translation and drops it on invalidation or
+// release. duringRelease runs at the start of Release, standing for an
+// munmap that lands while the driver unregisters.
+type cachingDevice struct {
+	mu            sync.Mutex
+	va, pfn       uint64
+	cached        bool
+	duringRelease func()
+}
+
+func (d *cachingDevice) CacheName() string { return "caching device" }
+
+func (d *cachingDevice) CachedPFN(pfn uint64) (string, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return "cached", d.cached && d.pfn == pfn
+}
+
+func (d *cachingDevice) InvalidateRangeStart(r *notifier.Range) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.va >= r.Start && d.va < r.End {
+		d.cached = false
+	}
+	return nil
+}
+
+func (d *cachingDevice) InvalidateRangeEnd(*notifier.Range) {}
+
+func (d *cachingDevice) Release(notifier.MM) {
+	if d.duringRelease != nil {
+		d.duringRelease()
+	}
+	d.mu.Lock()
+	d.cached = false
+	d.mu.Unlock()
+}
+
+// Unregister runs Release while the subscription still hears
+// invalidations: an munmap landing before Release has dropped the
+// device's translations must still reach it (mmu_notifier_unregister
+// calls release before it unhooks). Unhooked first, the munmap frees the
+// frame under the device's cache.
+func TestUnregisterReleasesBeforeUnhooking(t *testing.T) {
+	m := newMachine(t, gomm.Config{Frames: 64})
+	mm := m.NewMM()
+	a, err := mm.Mmap(0x1000_0000, page, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapFixed|gomm.MapPopulate)
+	require.NoError(t, err)
+	f, err := mm.GetUserPage(a, false)
+	require.NoError(t, err)
+	d := &cachingDevice{va: a, pfn: uint64(f.PFN()), cached: true}
+	require.NoError(t, m.RAM().Put(f))
+	defer m.RegisterCache(d)()
+	s, err := mm.RegisterNotifier(context.Background(), d)
+	require.NoError(t, err)
+	d.duringRelease = func() { require.NoError(t, mm.Munmap(a, page)) }
+	require.NoError(t, mm.UnregisterNotifier(s))
+	vs, n := m.Violations()
+	assert.Zero(t, n, "%v", vs)
+	require.NoError(t, mm.Exit())
+}

@@ -225,25 +225,30 @@ func (l *List) removeLocked(s *Subscription) {
 }
 
 // Unregister removes a subscription (mmu_notifier_unregister): Release is
-// called if it has not run, then a grace period is waited for, so that
-// when Unregister returns no callback of the subscription is running or
-// will run. Unregistering twice, or a subscription made by Get, is
-// ErrInvalid.
+// called if it has not run, while the subscription still receives
+// invalidations, then it is removed and a grace period is waited for, so
+// that when Unregister returns no callback of the subscription is
+// running or will run. Release comes first because a driver drops its
+// translations there: removed before, it would keep them through an
+// invalidation it no longer hears of (an munmap freeing their frames).
+// Unregistering twice, or a subscription made by Get, is ErrInvalid.
 func (l *List) Unregister(s *Subscription) error {
 	l.mu.Lock()
 	if s.list != l || s.shared || s.gone {
 		l.mu.Unlock()
 		return fmt.Errorf("notifier: unregister of a subscription not registered here: %w", ErrInvalid)
 	}
-	l.removeLocked(s) // already out if the mm went through release
 	s.gone = true
-	s.dead.Store(true)
 	l.mu.Unlock()
 	if s.rel != nil && !s.released.Swap(true) {
 		tok := l.srcu.ReadLock()
 		s.rel.Release(l.mm)
 		l.srcu.ReadUnlock(tok)
 	}
+	l.mu.Lock()
+	l.removeLocked(s) // already out if the mm went through release
+	s.dead.Store(true)
+	l.mu.Unlock()
 	l.srcu.Synchronize()
 	return nil
 }
