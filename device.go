@@ -361,7 +361,7 @@ func (mm *MM) makeExclusive(va uint64, f *physmem.Frame, owner any, mapped func(
 // f at va with a device-exclusive entry, under an invalidation the
 // device (owner) knows for its own.
 func (mm *MM) swapForExclusive(va uint64, f *physmem.Frame, owner any) (done bool, err error) {
-	r := mm.invalidateStartOwner(va, va+PageSize, notifier.EventExclusive, owner)
+	r := mm.notifiers.StartRange(va, va+PageSize, notifier.EventExclusive, owner)
 	defer mm.invalidateEnd(r)
 	pt, ok, err := mm.table.LockPTE(va)
 	if errors.Is(err, pagetable.ErrBusy) {

@@ -235,30 +235,14 @@ func newGather(mm *MM) *mmugather.Gather {
 }
 
 // invalidateStart opens a blockable invalidation of [start, end) for the
-// MM's subscribers, or returns nil at the cost of one atomic load when
-// there are none. The caller holds mmap_lock until invalidateEnd.
+// MM's subscribers (nil when there are none). The caller holds mmap_lock
+// until invalidateEnd.
 func (mm *MM) invalidateStart(start, end uint64, ev notifier.Event) *notifier.Range {
-	return mm.invalidateStartOwner(start, end, ev, nil)
-}
-
-// invalidateStartOwner is invalidateStart for an invalidation a device
-// causes and knows for its own (mmu_notifier_range_init_owner).
-func (mm *MM) invalidateStartOwner(start, end uint64, ev notifier.Event, owner any) *notifier.Range {
-	if !mm.notifiers.HasSubscribers() {
-		return nil
-	}
-	r := notifier.NewRange(mm, start, end, ev, notifier.Blockable)
-	r.Owner = owner
-	_ = mm.notifiers.InvalidateRangeStart(r) // a blockable start is never refused
-	return r
+	return mm.notifiers.StartRange(start, end, ev, nil)
 }
 
 // invalidateEnd closes what invalidateStart opened.
-func (mm *MM) invalidateEnd(r *notifier.Range) {
-	if r != nil {
-		mm.notifiers.InvalidateRangeEnd(r)
-	}
-}
+func (mm *MM) invalidateEnd(r *notifier.Range) { mm.notifiers.EndRange(r) }
 
 // checkOpen fails once the MM has exited. Called with mmap_lock held.
 func (mm *MM) checkOpen() error {

@@ -402,3 +402,46 @@ func TestUnregisterReleasesBeforeUnhooking(t *testing.T) {
 	assert.Zero(t, n, "%v", vs)
 	require.NoError(t, mm.Exit())
 }
+
+// mmRecorder records the MM every invalidation names.
+type mmRecorder struct {
+	mu  sync.Mutex
+	mms []notifier.MM
+}
+
+func (r *mmRecorder) InvalidateRangeStart(rg *notifier.Range) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.mms = append(r.mms, rg.MM)
+	return nil
+}
+
+func (r *mmRecorder) InvalidateRangeEnd(*notifier.Range) {}
+
+// Invalidations from reverse-map walks (reclaim, migration) name the MM
+// itself, as every other invalidation does, so a driver can find its
+// state by it.
+func TestRmapInvalidationsNameTheMM(t *testing.T) {
+	m := newMachine(t, gomm.Config{Frames: 64, SwapSlots: 64})
+	mm := m.NewMM()
+	defer func() { require.NoError(t, mm.Exit()) }()
+	a, err := mm.Mmap(0x1000_0000, 2*page, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	_, err = mm.WriteAt([]byte{1}, a)
+	require.NoError(t, err)
+	_, err = mm.WriteAt([]byte{2}, a+page)
+	require.NoError(t, err)
+	rec := &mmRecorder{}
+	s, err := mm.RegisterNotifier(context.Background(), rec)
+	require.NoError(t, err)
+	n, err := mm.MovePages([]uint64{a})
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	m.Reclaim(64)
+	m.Reclaim(64)
+	require.NoError(t, mm.UnregisterNotifier(s))
+	require.NotEmpty(t, rec.mms)
+	for _, got := range rec.mms {
+		assert.Same(t, mm, got)
+	}
+}

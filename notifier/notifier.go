@@ -345,6 +345,28 @@ func (l *List) Release() {
 	l.srcu.Synchronize()
 }
 
+// StartRange opens a blockable invalidation of [start, end) of the
+// list's mm, tagged with ev and owner, and returns it for EndRange; with
+// no subscribers it returns nil at the cost of one atomic load. The
+// caller holds what keeps the range's translations from changing under
+// its subscribers until EndRange (mmap_lock, or the rmap locks).
+func (l *List) StartRange(start, end uint64, ev Event, owner any) *Range {
+	if !l.HasSubscribers() {
+		return nil
+	}
+	r := NewRange(l.mm, start, end, ev, Blockable)
+	r.Owner = owner
+	_ = l.InvalidateRangeStart(r) // a blockable start is never refused
+	return r
+}
+
+// EndRange closes what StartRange opened; nil is a no-op.
+func (l *List) EndRange(r *Range) {
+	if r != nil {
+		l.InvalidateRangeEnd(r)
+	}
+}
+
 // InvalidateRangeStart tells every subscriber and every intersecting
 // interval notifier that the translations of r are about to change
 // (mmu_notifier_invalidate_range_start). If a subscriber of a

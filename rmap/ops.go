@@ -88,21 +88,10 @@ func hugeMaps(e pagetable.PTE, p *physmem.Frame) bool {
 
 // startRange opens a blockable invalidation of one page of v's space.
 func startRange(v *VMA, addr uint64, ev notifier.Event, owner any) *notifier.Range {
-	l := v.Space.Notifiers()
-	if !l.HasSubscribers() {
-		return nil
-	}
-	r := notifier.NewRange(v.Space, addr, addr+pageSize, ev, notifier.Blockable)
-	r.Owner = owner
-	_ = l.InvalidateRangeStart(r) // a blockable start is never refused
-	return r
+	return v.Space.Notifiers().StartRange(addr, addr+pageSize, ev, owner)
 }
 
-func endRange(v *VMA, r *notifier.Range) {
-	if r != nil {
-		v.Space.Notifiers().InvalidateRangeEnd(r)
-	}
-}
+func endRange(v *VMA, r *notifier.Range) { v.Space.Notifiers().EndRange(r) }
 
 // clearFlush clears entry i of the locked table and flushes it from every
 // CPU and, through the space's hook, every secondary TLB
