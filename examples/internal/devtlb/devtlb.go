@@ -1,12 +1,12 @@
 // Package devtlb holds what the example devices would otherwise each
 // write again: the reverse index from host frames to the translations a
 // device caches, which the checker asks about at every frame free
-// (gomm.Cache.CachedPFN), and a bounded translation cache built on it
-// (a device TLB or IOTLB).
+// (gomm.Cache.CachedPFN), a bounded translation cache built on it (a
+// device TLB or IOTLB), and a device page table that keeps it exact.
 //
 // It has no kernel counterpart: real devices keep these in hardware.
-// Neither type is safe for concurrent use; the device's own lock, the
-// one its invalidation callbacks take, guards them.
+// No type is safe for concurrent use; the device's own lock, the one
+// its invalidation callbacks take, guards them.
 package devtlb
 
 import "fmt"

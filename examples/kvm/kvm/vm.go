@@ -58,10 +58,9 @@ type VM struct {
 	// mmuLock is kvm->mmu_lock: held for write to change the shadow
 	// table or the invalidation state, for read by vCPU accesses.
 	mmuLock sync.RWMutex
-	spt     *pagetable.Table // guest-physical -> host frame; leaves changed under mmuLock (write)
-	// Reverse index of the shadow table for the checker: host frame ->
-	// shadow entries mapping it. Protected by mmuLock.
-	byPFN devtlb.PFNIndex
+	// spt maps guest-physical to host frames, with its reverse index
+	// for the checker; changed under mmuLock (write).
+	spt *devtlb.Table
 	// mmu_invalidate_in_progress and the host range it covers; protected
 	// by mmuLock.
 	inProgress           int
@@ -84,7 +83,7 @@ type VM struct {
 // registering the shadow table with the machine's checker. Close it
 // before the MM exits, or let the MM's exit release it.
 func New(ctx context.Context, m *gomm.Machine, mm *gomm.MM) (*VM, error) {
-	vm := &VM{m: m, mm: mm, spt: pagetable.New(pagetable.Options{}), byPFN: devtlb.PFNIndex{}}
+	vm := &VM{m: m, mm: mm, spt: devtlb.NewTable()}
 	vm.slots.Store(&[]Memslot{})
 	sub, err := mm.RegisterNotifier(ctx, vm)
 	if err != nil {
@@ -221,23 +220,14 @@ func (vm *VM) install(gpa, hva uint64, f *physmem.Frame, write bool, seq uint64)
 	if write {
 		bits |= pagetable.Write | pagetable.Dirty
 	}
-	old, err := vm.spt.Set(gpa, pagetable.NewPTE(uint64(f.PFN()), bits))
+	old, err := vm.spt.Install(gpa, pagetable.NewPTE(uint64(f.PFN()), bits))
 	if err != nil {
 		return false, err
 	}
-	vm.forget(old)
-	vm.byPFN.Add(uint64(f.PFN()))
-	return true, nil
-}
-
-// forget drops a removed shadow entry from the reverse index. Called
-// with mmuLock held for write.
-func (vm *VM) forget(old pagetable.PTE) {
-	if !old.IsPresent() {
-		return
+	if old.IsPresent() {
+		vm.zapped.Add(1)
 	}
-	vm.byPFN.Remove(old.PFN())
-	vm.zapped.Add(1)
+	return true, nil
 }
 
 // eachGFNRange calls fn with every guest-physical range that backs part
@@ -255,14 +245,14 @@ func (vm *VM) eachGFNRange(start, end uint64, fn func(gStart, gEnd uint64)) {
 // Called with mmuLock held for write.
 func (vm *VM) zapRange(start, end uint64) {
 	vm.eachGFNRange(start, end, func(gs, ge uint64) {
-		_, _ = vm.spt.UnmapRange(gs, ge, func(_ uint64, old pagetable.PTE) { vm.forget(old) })
+		vm.zapped.Add(uint64(vm.spt.Unmap(gs, ge)))
 	})
 }
 
 func (vm *VM) zapAll() {
 	vm.mmuLock.Lock()
 	defer vm.mmuLock.Unlock()
-	_, _ = vm.spt.UnmapRange(0, maxGPA, func(_ uint64, old pagetable.PTE) { vm.forget(old) })
+	vm.zapped.Add(uint64(vm.spt.Unmap(0, maxGPA)))
 }
 
 // InvalidateRangeStart implements notifier.RangeInvalidator
@@ -300,13 +290,13 @@ func (vm *VM) age(start, end uint64, clear bool) bool {
 	young := false
 	vm.eachGFNRange(start, end, func(gs, ge uint64) {
 		for gpa := gs; gpa < ge; gpa += PageSize {
-			e, _ := vm.spt.Lookup(gpa)
+			e := vm.spt.Lookup(gpa)
 			if !e.IsPresent() || !e.IsYoung() {
 				continue
 			}
 			young = true
 			if clear {
-				_, _ = vm.spt.Set(gpa, e.Without(pagetable.Accessed))
+				_, _ = vm.spt.Install(gpa, e.Without(pagetable.Accessed))
 			}
 		}
 	})
@@ -341,7 +331,7 @@ func (vm *VM) CacheName() string {
 func (vm *VM) CachedPFN(pfn uint64) (string, bool) {
 	vm.mmuLock.RLock()
 	defer vm.mmuLock.RUnlock()
-	return vm.byPFN.Cached(pfn)
+	return vm.spt.Cached(pfn)
 }
 
 // Stats returns the VM's counters.
@@ -360,5 +350,5 @@ func (vm *VM) Stats() Stats {
 func (vm *VM) ShadowEntries() int {
 	vm.mmuLock.RLock()
 	defer vm.mmuLock.RUnlock()
-	return vm.byPFN.Total()
+	return vm.spt.Mapped()
 }

@@ -114,9 +114,8 @@ type Segment struct {
 	}
 	imp struct {
 		mu      sync.Mutex
-		pt      *pagetable.Table // importer address (a segment offset) -> exporter frame
-		byPFN   devtlb.PFNIndex
-		gen     uint64 // invalidations processed
+		pt      *devtlb.Table // importer address (a segment offset) -> exporter frame
+		gen     uint64        // invalidations processed
 		nextID  uint64
 		waiting map[uint64]chan msg
 		closed  bool
@@ -140,8 +139,7 @@ func Export(ctx context.Context, m *gomm.Machine, mm *gomm.MM, start, length uin
 	s := &Segment{m: m, mm: mm, start: start, len: length, link: link, work: make(chan msg, 256), workerDone: make(chan struct{})}
 	s.exp.acks = map[uint64]chan struct{}{}
 	s.exp.ended.L = &s.exp.mu
-	s.imp.pt = pagetable.New(pagetable.Options{})
-	s.imp.byPFN = devtlb.PFNIndex{}
+	s.imp.pt = devtlb.NewTable()
 	s.imp.waiting = map[uint64]chan msg{}
 	sub, err := mm.RegisterNotifier(ctx, (*exporterOps)(s))
 	if err != nil {
@@ -333,11 +331,7 @@ func (s *Segment) importerReceive(m msg) {
 // zapLocked drops the importer's mappings of [lo, hi). Called with
 // imp.mu held.
 func (s *Segment) zapLocked(lo, hi uint64) {
-	_, _ = s.imp.pt.UnmapRange(lo, hi, func(_ uint64, old pagetable.PTE) {
-		if old.IsPresent() {
-			s.imp.byPFN.Remove(old.PFN())
-		}
-	})
+	s.imp.pt.Unmap(lo, hi)
 }
 
 // Read64 is an importer load of the word at segment offset off.
@@ -352,7 +346,7 @@ func (s *Segment) Read64(off uint64) (uint64, error) {
 			s.imp.mu.Unlock()
 			return 0, ErrClosed
 		}
-		if e, _ := s.imp.pt.Lookup(page); e.IsPresent() {
+		if e := s.imp.pt.Lookup(page); e.IsPresent() {
 			f, err := s.m.RAM().Frame(physmem.PFN(e.PFN()))
 			var v uint64
 			if err == nil {
@@ -381,9 +375,7 @@ func (s *Segment) Read64(off uint64) (uint64, error) {
 			// may name a frame the exporter has since unmapped.
 			s.discarded.Add(1)
 		} else if !s.imp.closed {
-			if _, err := s.imp.pt.Set(page, pagetable.NewPTE(ans.pfn, pagetable.User)); err == nil {
-				s.imp.byPFN.Add(ans.pfn)
-			}
+			_, _ = s.imp.pt.Install(page, pagetable.NewPTE(ans.pfn, pagetable.User))
 		}
 		s.imp.mu.Unlock()
 	}
@@ -407,5 +399,5 @@ func (c *importerCache) CachedPFN(pfn uint64) (string, bool) {
 	s := (*Segment)(c)
 	s.imp.mu.Lock()
 	defer s.imp.mu.Unlock()
-	return s.imp.byPFN.Cached(pfn)
+	return s.imp.pt.Cached(pfn)
 }
