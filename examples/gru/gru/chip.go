@@ -38,11 +38,13 @@ func (m Mode) String() string {
 
 // Stats are the chip's counters.
 type Stats struct {
-	Accesses, Hits, DropIns uint64
-	Retries                 uint64 // drop-ins that lost a race with an invalidation
-	Waits                   uint64 // misses that waited for a range to end
-	Invalidations           uint64 // InvalidateRangeStart calls
-	Flushes                 uint64 // TLB flush operations issued
+	Accesses      uint64
+	Hits          uint64 // accesses whose first look-up hit
+	DropIns       uint64
+	Retries       uint64 // drop-ins that lost a race with an invalidation
+	Waits         uint64 // misses that waited for a range to end
+	Invalidations uint64 // InvalidateRangeStart calls
+	Flushes       uint64 // TLB flush operations issued
 }
 
 type tlbKey struct {
@@ -51,6 +53,7 @@ type tlbKey struct {
 }
 
 type mmState struct {
+	contexts    int    // open contexts; the state goes with the last
 	rangeActive int    // ms_range_active
 	seq         uint64 // bumped by every end
 }
@@ -100,23 +103,43 @@ func (c *Chip) Open(ctx context.Context, mm *gomm.MM) (*Context, error) {
 	// The MM's state exists before the subscription does, so every
 	// callback finds it.
 	c.mu.Lock()
-	if c.mms[mm.ID()] == nil {
-		c.mms[mm.ID()] = &mmState{}
+	st := c.mms[mm.ID()]
+	if st == nil {
+		st = &mmState{}
+		c.mms[mm.ID()] = st
 	}
+	st.contexts++
 	c.mu.Unlock()
 	sub, err := mm.GetNotifier(ctx, c.ops)
 	if err != nil {
+		c.detach(mm.ID())
 		return nil, fmt.Errorf("gru: %w", err)
 	}
 	return &Context{chip: c, mm: mm, sub: sub}, nil
 }
 
-// Close detaches the context; the last one on an MM drops the chip's
-// subscription and the MM's TLB entries.
+// Close detaches the context. The chip does not track which context
+// filled an entry, so it flushes the MM's entries, and does so before
+// it drops its share of the subscription: after the last put, nothing
+// would tell it of an munmap freeing what it still caches. The last
+// context on an MM takes the MM's state with it.
 func (x *Context) Close() error {
-	err := x.mm.PutNotifier(x.sub)
 	x.chip.flushAll(x.mm.ID())
+	err := x.mm.PutNotifier(x.sub)
+	x.chip.detach(x.mm.ID())
 	return err
+}
+
+// detach drops a context's count on an MM's state, and the state with
+// the last one (whose put ended every callback).
+func (c *Chip) detach(mm uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st := c.mms[mm]; st != nil {
+		if st.contexts--; st.contexts == 0 {
+			delete(c.mms, mm)
+		}
+	}
 }
 
 // Load64 loads the word at va through the chip.
@@ -140,7 +163,7 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 	}
 	c := x.chip
 	key := tlbKey{x.mm.ID(), va &^ (PageSize - 1)}
-	for {
+	for missed := false; ; missed = true {
 		c.mu.Lock()
 		if e, ok := c.tlb.Lookup(key); ok && (e.Writable || !write) {
 			f, err := c.m.RAM().Frame(physmem.PFN(e.PFN))
@@ -148,7 +171,9 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 				err = op(f, int(va-key.page))
 			}
 			c.mu.Unlock()
-			c.hits.Add(1)
+			if !missed {
+				c.hits.Add(1)
+			}
 			c.accesses.Add(1)
 			return err
 		}

@@ -53,9 +53,29 @@ func TestContextsShareOneSubscription(t *testing.T) {
 	_, err = x2.Load64(a)
 	assert.ErrorIs(t, err, gomm.ErrFault)
 	require.NoError(t, x2.Close())
+	chip.mu.Lock()
+	assert.Empty(t, chip.mms, "the last context took the MM's state with it")
+	chip.mu.Unlock()
 	require.NoError(t, mm.Exit())
 	_, n := m.Violations()
 	assert.Zero(t, n)
+}
+
+// A hit is an access whose first look-up found the translation; a miss
+// that drops in and then completes is not one.
+func TestHitsCountFirstLookups(t *testing.T) {
+	_, chip, mm, a := setup(t, ModePerRange)
+	x, err := chip.Open(context.Background(), mm)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, x.Close()) }()
+	require.NoError(t, x.Store64(a, 1))
+	_, err = x.Load64(a)
+	require.NoError(t, err)
+	st := chip.Stats()
+	assert.Equal(t, uint64(2), st.Accesses)
+	assert.Equal(t, uint64(1), st.Hits)
+	assert.Equal(t, uint64(1), st.DropIns)
+	require.NoError(t, mm.Exit())
 }
 
 // Between InvalidateRangeStart and End no translation of the MM drops
