@@ -32,13 +32,12 @@ const (
 )
 
 type msg struct {
-	kind     msgKind
-	id       uint64
-	lo, hi   uint64 // segment offsets: the page of a fault, the range of an invalidation
-	write    bool
-	pfn      uint64
-	err      error
-	deliverd time.Time // when the interconnect hands it over
+	kind      msgKind
+	id        uint64
+	lo, hi    uint64 // segment offsets: the page of a fault request, the range of an invalidation
+	pfn       uint64 // a fault answer's frame
+	err       error
+	delivered time.Time // when the interconnect hands it over
 }
 
 // Link is the interconnect between two partitions: each direction
@@ -61,7 +60,7 @@ func NewLink(latency time.Duration) *Link {
 func (l *Link) run(in chan msg, done *sync.WaitGroup, handle func(msg)) {
 	done.Go(func() {
 		for m := range in {
-			if d := time.Until(m.deliverd); d > 0 {
+			if d := time.Until(m.delivered); d > 0 {
 				time.Sleep(d)
 			}
 			handle(m)
@@ -70,7 +69,7 @@ func (l *Link) run(in chan msg, done *sync.WaitGroup, handle func(msg)) {
 }
 
 func (l *Link) send(to chan msg, m msg) {
-	m.deliverd = time.Now().Add(l.latency)
+	m.delivered = time.Now().Add(l.latency)
 	to <- m
 }
 
@@ -224,8 +223,8 @@ func (s *Segment) answer(m msg) {
 		seq := s.exp.seq
 		s.exp.mu.Unlock()
 
-		ans := msg{kind: faultAnswer, id: m.id, lo: m.lo}
-		f, err := s.mm.GetUserPage(s.start+m.lo, m.write)
+		ans := msg{kind: faultAnswer, id: m.id}
+		f, err := s.mm.GetUserPage(s.start+m.lo, false) // the importer only reads
 		if err != nil {
 			ans.err = err
 		} else {

@@ -145,10 +145,14 @@ func churn(t *testing.T, off func(*Segment), rounds int) (*gomm.Machine, error) 
 // The fault/invalidate races, run many times: the checker stays quiet
 // and the importer reads only what the exporter wrote.
 func TestFaultAnswerRacesInvalidation(t *testing.T) {
-	m, wrong := churn(t, func(*Segment) {}, testmain.Iterations(3000, 600))
+	var seg *Segment
+	m, wrong := churn(t, func(s *Segment) { seg = s }, testmain.Iterations(3000, 600))
 	require.NoError(t, wrong)
 	v, n := m.Violations()
 	assert.Zero(t, n, "%v", v)
+	st := seg.Stats()
+	t.Logf("discarded %d, retried %d", st.Discarded, st.Retried)
+	assert.Positive(t, st.Discarded+st.Retried, "the race was never run: the test proved nothing")
 }
 
 // Each check switched off lets the importer map a frame the exporter
