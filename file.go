@@ -5,8 +5,6 @@ import (
 	"io"
 
 	"github.com/gomm-dev/gomm/locks"
-	"github.com/gomm-dev/gomm/mmugather"
-	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/rmap"
 )
@@ -207,18 +205,7 @@ func (f *File) unmapRange(first uint64) error {
 		if first > v.PgOff {
 			start = v.Start + (first-v.PgOff)*PageSize
 		}
-		since := f.m.chk.BeginDowngrade()
-		r := mm.invalidateStart(start, v.End, notifier.EventClear)
-		g := mmugather.Start(f.m.sys, f.m.ram, mm.ctx)
-		g.OnNonPresent(f.m.zapEntry)
-		st, zerr := g.Zap(start, v.End)
-		mm.rss.Add(-int64(st.Frames))
-		if ferr := g.Finish(); zerr == nil {
-			zerr = ferr
-		}
-		mm.invalidateEnd(r)
-		f.m.chk.EndDowngrade("truncate", mm.ID(), start, v.End, since, false)
-		if zerr != nil && err == nil {
+		if zerr := mm.zapRange("truncate", start, v.End); zerr != nil && err == nil {
 			err = zerr
 		}
 	}

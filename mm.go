@@ -158,36 +158,13 @@ func (mm *MM) exitMmap() error {
 	mm.m.ksm.exit(mm)
 	mm.notifiers.Release()
 	mm.mmapLock.Lock()
-	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
-	g.OnNonPresent(mm.m.zapEntry)
-	var err error
-	var nfreed int
 	var vs []*vma
-	mm.vmas.all(func(v *vma) bool {
+	for v := range mm.vmas.all {
 		vs = append(vs, v)
-		st, zerr := g.Zap(v.Start, v.End)
-		mm.rss.Add(-int64(st.Frames))
-		if zerr != nil && err == nil {
-			err = zerr // go on: the rest must be torn down all the same
-		}
-		return true
-	})
+	}
 	mm.vmas.clear()
-	for _, v := range vs {
-		mm.unlinkVMA(v)
-	}
-	freed, ferr := mm.table.FreeEmpty(0, userCeiling, nil)
-	g.RemoveTables(freed...)
-	nfreed = len(freed)
-	if err == nil {
-		err = ferr
-	}
-	if ferr := g.Finish(); err == nil {
-		err = ferr
-	}
-	mm.unchargeTables(nfreed)
+	err := mm.zapAndFree(vs, 0, userCeiling, true)
 	mm.mmapLock.Unlock()
-	mm.m.swap.dropOrphans()
 	mm.ctx.Drop()
 	return err
 }
@@ -230,6 +207,14 @@ func (mm *MM) PageTableFrames() int {
 // slots back.
 func newGather(mm *MM) *mmugather.Gather {
 	g := mmugather.Start(mm.m.sys, mm.m.ram, mm.ctx)
+	g.OnNonPresent(mm.m.zapEntry)
+	return g
+}
+
+// newFullGather is newGather for tearing down the whole MM
+// (tlb_gather_mmu_fullmm).
+func newFullGather(mm *MM) *mmugather.Gather {
+	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
 	g.OnNonPresent(mm.m.zapEntry)
 	return g
 }

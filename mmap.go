@@ -220,16 +220,20 @@ func (mm *MM) unmapLocked(start, end uint64) error {
 	for _, v := range vs {
 		mm.vmas.delete(v)
 	}
-	return mm.zapAndFree(vs, start, end)
+	return mm.zapAndFree(vs, start, end, false)
 }
 
 // zapAndFree tears down the pages of the detached VMAs vs, which covered
 // parts of [start, end), takes them out of the reverse maps, and frees
-// the page tables between the remaining neighbours.
-func (mm *MM) zapAndFree(vs []*vma, start, end uint64) error {
+// the page tables between the remaining neighbours. fullMM says the MM
+// is exiting: vs is every VMA, and the gather may skip per-range work.
+func (mm *MM) zapAndFree(vs []*vma, start, end uint64, fullMM bool) error {
 	r := mm.invalidateStart(start, end, notifier.EventUnmap)
 	defer mm.invalidateEnd(r)
 	g := newGather(mm)
+	if fullMM {
+		g = newFullGather(mm)
+	}
 	var err error
 	for _, v := range vs {
 		st, zerr := g.Zap(v.Start, v.End)

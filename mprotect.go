@@ -219,7 +219,14 @@ func (mm *MM) setVMAFlags(op string, start, end uint64, set, clear rmap.VMFlags)
 	return nil
 }
 
-func (mm *MM) dontNeed(start, end uint64) error {
+func (mm *MM) dontNeed(start, end uint64) error { return mm.zapRange("madvise(DONTNEED)", start, end) }
+
+// zapRange frees the pages mapped in [start, end) and leaves the VMAs
+// (zap_page_range_single): an EventClear invalidation around a gather of
+// its own, and the checker told the range lost every access. The caller
+// holds what keeps the VMAs and their tables alive: mmap_lock, or the
+// file's i_mmap_rwsem.
+func (mm *MM) zapRange(op string, start, end uint64) error {
 	since := mm.m.chk.BeginDowngrade()
 	r := mm.invalidateStart(start, end, notifier.EventClear)
 	g := newGather(mm)
@@ -229,7 +236,7 @@ func (mm *MM) dontNeed(start, end uint64) error {
 		err = ferr
 	}
 	mm.invalidateEnd(r)
-	mm.m.chk.EndDowngrade("madvise(DONTNEED)", mm.ID(), start, end, since, false)
+	mm.m.chk.EndDowngrade(op, mm.ID(), start, end, since, false)
 	return err
 }
 
