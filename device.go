@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
-	"sync"
-	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
@@ -39,47 +37,33 @@ type DevicePagemap struct {
 	ops    DevicePagemapOps
 }
 
-// pagemaps is a machine's device memory, copy-on-write.
-type pagemaps struct {
-	mu   sync.Mutex
-	list atomic.Pointer[[]*DevicePagemap]
-}
-
 // AddDevicePagemap gives the machine pages frames of device-private
 // memory (memremap_pages). owner names the device (pgmap->owner): a
 // comparable value, usually the driver's device pointer, which
 // RangeFault's DevicePrivateOwner and MigrateVMA's Owner are matched
-// against. Every frame starts free; the driver hands them out with
+// against (a DeviceFault's handler passes it on). Every frame starts free; the driver hands them out with
 // InitPage and gets them back through ops.PageFree.
 func (m *Machine) AddDevicePagemap(pages int, owner any, ops DevicePagemapOps) (*DevicePagemap, error) {
 	if owner == nil || !reflect.TypeOf(owner).Comparable() || ops == nil {
 		return nil, fmt.Errorf("gomm: device pagemap: owner %T, ops %T: %w", owner, ops, ErrInvalid)
 	}
 	p := &DevicePagemap{owner: owner, ops: ops}
-	r, err := m.ram.AddDeviceRegion(pages, func(f *physmem.Frame) { ops.PageFree(uint64(f.PFN())) })
+	r, err := m.ram.AddDeviceRegion(pages, p, func(f *physmem.Frame) { ops.PageFree(uint64(f.PFN())) })
 	if err != nil {
 		return nil, err
 	}
 	p.region = r
-	m.pagemaps.mu.Lock()
-	defer m.pagemaps.mu.Unlock()
-	var next []*DevicePagemap
-	if cur := m.pagemaps.list.Load(); cur != nil {
-		next = append(next, *cur...)
-	}
-	next = append(next, p)
-	m.pagemaps.list.Store(&next)
 	return p, nil
 }
 
+// comparable reports whether v can tag an invalidation: nil, or a value
+// == works on (a non-comparable one would panic where it is matched).
+func comparable(v any) bool { return v == nil || reflect.TypeOf(v).Comparable() }
+
 // pagemapOf returns the device memory pfn belongs to, or nil for RAM.
 func (m *Machine) pagemapOf(pfn uint64) *DevicePagemap {
-	if cur := m.pagemaps.list.Load(); cur != nil {
-		for _, p := range *cur {
-			if p.region.Contains(physmem.PFN(pfn)) {
-				return p
-			}
-		}
+	if r := m.ram.DeviceRegionOf(physmem.PFN(pfn)); r != nil {
+		return r.Owner().(*DevicePagemap)
 	}
 	return nil
 }
@@ -119,7 +103,7 @@ const (
 	// MigrateSelectSystem: anonymous pages in RAM.
 	MigrateSelectSystem MigrateSelect = 1 << iota
 	// MigrateSelectDevicePrivate: device-private pages of the pagemap
-	// whose owner is MigrateVMA.Owner.
+	// whose owner is MigrateVMA.PagemapOwner.
 	MigrateSelectDevicePrivate
 )
 
@@ -127,12 +111,16 @@ const (
 // between RAM and device memory (struct migrate_vma).
 type MigrateVMA struct {
 	Start, End uint64 // page-aligned, inside one VMA
-	// Owner is carried by the migration's EventMigrate invalidations
-	// (pgmap_owner), so a driver can tell its own migrations from
-	// anybody else's and keep its mirror of the range; it also selects
-	// the device-private pages MigrateSelectDevicePrivate collects.
-	Owner  any
-	Select MigrateSelect
+	// Owner is carried by the migration's EventMigrate invalidations,
+	// so a driver can tell its own migration from anybody else's and
+	// keep its mirror of the range. The kernel uses pgmap_owner for
+	// this; a value naming this one migration lets a driver skip exactly
+	// its own invalidations even while it runs several at once.
+	Owner any
+	// PagemapOwner selects the device-private pages
+	// MigrateSelectDevicePrivate collects (pgmap_owner).
+	PagemapOwner any
+	Select       MigrateSelect
 	// AllocDst returns the frame, with one reference, that the contents
 	// of src (mapped at va) move to: a device page from
 	// DevicePagemap.InitPage to migrate to the device. Nil allocates
@@ -184,7 +172,7 @@ func (mm *MM) MigrateVMA(a *MigrateVMA) (int, error) {
 func (a *MigrateVMA) check() error {
 	if a.Start%PageSize != 0 || a.End%PageSize != 0 || a.End <= a.Start || a.End > TaskSize ||
 		a.Select == 0 || a.Select&^(MigrateSelectSystem|MigrateSelectDevicePrivate) != 0 ||
-		(a.Owner != nil && !reflect.TypeOf(a.Owner).Comparable()) {
+		!comparable(a.Owner) || !comparable(a.PagemapOwner) {
 		return fmt.Errorf("gomm: migrate [%#x, %#x) select %#x owner %T: %w", a.Start, a.End, a.Select, a.Owner, ErrInvalid)
 	}
 	return nil
@@ -201,18 +189,17 @@ func (mm *MM) migrateVMA(v *vma, a *MigrateVMA) (int, error) {
 		if src == nil {
 			continue
 		}
-		alloc := mm.m.allocFrame
+		how := migration{owner: a.Owner, alloc: mm.m.allocFrame, tryLock: true}
 		if a.AllocDst != nil {
-			alloc = func() (*physmem.Frame, error) { return a.AllocDst(va, src) }
+			how.alloc = func() (*physmem.Frame, error) { return a.AllocDst(va, src) }
 		}
-		var migrated func(src, dst *physmem.Frame)
 		if a.Migrated != nil {
-			migrated = func(src, dst *physmem.Frame) {
+			how.migrated = func(src, dst *physmem.Frame) {
 				e, _ := mm.table.Lookup(va)
 				a.Migrated(MigratedPage{Addr: va, Src: src, Dst: dst, Writable: e.IsPresent() && e.IsWritable() || e.IsDevicePrivate() && e.IsSwapWritable()})
 			}
 		}
-		_, err := mm.m.migrate(src, a.Owner, alloc, migrated)
+		_, err := mm.m.migrate(src, how)
 		switch {
 		case err == nil:
 			moved++
@@ -233,7 +220,7 @@ func (mm *MM) migrationSource(va uint64, a *MigrateVMA) *physmem.Frame {
 		pfn = e.PFNAt(va)
 	case e.IsDevicePrivate() && a.Select&MigrateSelectDevicePrivate != 0:
 		pfn, _ = e.HeldFrame()
-		if p := mm.m.pagemapOf(pfn); p == nil || p.owner != a.Owner {
+		if p := mm.m.pagemapOf(pfn); p == nil || p.owner != a.PagemapOwner {
 			return nil
 		}
 	default:
@@ -298,6 +285,13 @@ func (mm *MM) deviceFault(v *vma, page uint64, e pagetable.PTE, write bool, trie
 	if err := p.ops.MigrateToRAM(&DeviceFault{mm: mm, vma: v, Addr: page, PFN: pfn, Write: write}); err != nil {
 		return false, fmt.Errorf("gomm: fault at %#x: device page %#x: %w", page, pfn, errors.Join(ErrFault, err))
 	}
+	// The driver's migration skips a page somebody has locked: another
+	// fault's migration of it (a forked child's, another thread's). Wait
+	// for that one rather than count a try.
+	if f, _ := mm.m.ram.Frame(physmem.PFN(pfn)); f.IsLocked() {
+		f.WaitUnlocked()
+		*tries--
+	}
 	return true, nil
 }
 
@@ -316,7 +310,7 @@ func (mm *MM) deviceFault(v *vma, page uint64, e pagetable.PTE, write bool, trie
 // more than once (shared after fork, KSM) is made private first, as a
 // write fault does; a file, shared, or read-only mapping is ErrPerm.
 func (mm *MM) MakeDeviceExclusive(va uint64, owner any, mapped func(pfn uint64) error) error {
-	if va%PageSize != 0 || va >= TaskSize || mapped == nil || (owner != nil && !reflect.TypeOf(owner).Comparable()) {
+	if va%PageSize != 0 || va >= TaskSize || mapped == nil || !comparable(owner) {
 		return fmt.Errorf("gomm: make device exclusive at %#x owner %T: %w", va, owner, ErrInvalid)
 	}
 	mm.mmapLock.RLock()

@@ -68,7 +68,6 @@ type Machine struct {
 	reclaimed reclaimCounters
 	ksm       *ksm
 	thp       thpCounters
-	pagemaps  pagemaps // device-private memory
 }
 
 // NewMachine builds a machine.

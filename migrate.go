@@ -31,25 +31,41 @@ func (m *Machine) Migrate(pfn uint64, owner any) (uint64, error) {
 	if f == m.zero || !m.ram.TryGet(f) {
 		return 0, fmt.Errorf("gomm: migrate pfn %#x: not in use: %w", pfn, ErrBusy)
 	}
-	dst, err := m.migrate(f, owner, m.allocFrame, nil)
+	dst, err := m.migrate(f, migration{owner: owner, alloc: m.allocFrame})
 	if err != nil {
 		return 0, err
 	}
 	return uint64(dst.PFN()), nil
 }
 
-// migrate moves f to the frame alloc returns (with one reference) and
-// consumes the caller's reference to f: on success f is freed with it,
-// on failure it is dropped. migrated, if set, runs once the mappings
-// point at the new frame and before f is freed. It returns the new
-// frame, which the caller holds no reference to.
-func (m *Machine) migrate(f *physmem.Frame, owner any, alloc func() (*physmem.Frame, error), migrated func(src, dst *physmem.Frame)) (*physmem.Frame, error) {
-	dst, err := alloc()
+// migration says how migrate moves one page.
+type migration struct {
+	owner    any                            // tags the EventMigrate invalidations
+	alloc    func() (*physmem.Frame, error) // the new frame, with one reference
+	migrated func(src, dst *physmem.Frame)  // if set: runs once the mappings point at dst, before src is freed
+	// tryLock gives up on a page somebody has locked rather than wait
+	// for it (migrate_vma_collect's trylock): two faults migrating the
+	// same page back would otherwise each hold a reference the other's
+	// freeze waits for.
+	tryLock bool
+}
+
+// migrate moves f as how says and consumes the caller's reference to f:
+// on success f is freed with it, on failure it is dropped. It returns
+// the new frame, which the caller holds no reference to.
+func (m *Machine) migrate(f *physmem.Frame, how migration) (*physmem.Frame, error) {
+	dst, err := how.alloc()
 	if err != nil {
 		_ = m.ram.Put(f)
 		return nil, err
 	}
-	f.Lock()
+	if !how.tryLock {
+		f.Lock()
+	} else if !f.TryLock() {
+		_ = m.ram.Put(dst)
+		_ = m.ram.Put(f)
+		return nil, fmt.Errorf("gomm: migrate %v: locked: %w", f, ErrBusy)
+	}
 	mapping, _ := f.Mapping()
 	file, isFile := mapping.(*rmap.File)
 	inSwap := m.swap.cached(f)
@@ -79,7 +95,7 @@ func (m *Machine) migrate(f *physmem.Frame, owner any, alloc func() (*physmem.Fr
 		_ = m.ram.Put(f)
 		return nil, fmt.Errorf("gomm: migrate %v: %s: %w", f, why, ErrBusy)
 	}
-	m.rmapEnv.TryToMigrate(f, owner)
+	m.rmapEnv.TryToMigrate(f, how.owner)
 	if f.MapCount() > 0 {
 		return fail("still mapped")
 	}
@@ -118,8 +134,8 @@ func (m *Machine) migrate(f *physmem.Frame, owner any, alloc func() (*physmem.Fr
 	if !dst.IsDevicePrivate() {
 		m.lru.add(dst, f.Has(physmem.FlagActive))
 	}
-	if migrated != nil {
-		migrated(f, dst)
+	if how.migrated != nil {
+		how.migrated(f, dst)
 	}
 	dst.Unlock()
 	f.Unlock()

@@ -389,6 +389,9 @@ func (a *Allocator) free1(f *Frame) error {
 	if f.device != 0 {
 		r := a.region(PFN(f.pfn))
 		r.frees.Add(1)
+		// Only now may Init hand it out again: not while the hooks ran
+		// or the data was being poisoned.
+		f.flags.Store(uint32(flagDeviceFree))
 		r.release(f)
 		return nil
 	}

@@ -18,6 +18,7 @@ type DeviceRegion struct {
 	first   PFN
 	frames  []Frame
 	release func(*Frame)
+	owner   any // the caller's, for DeviceRegionOf's callers
 	inits   atomic.Uint64
 	frees   atomic.Uint64
 }
@@ -25,8 +26,8 @@ type DeviceRegion struct {
 // AddDeviceRegion adds n device-private frames, all free, above RAM and
 // every region added before. release is called with each frame as it is
 // freed, on the freeing goroutine, after the free hooks; it must not
-// take locks the freer may hold.
-func (a *Allocator) AddDeviceRegion(n int, release func(*Frame)) (*DeviceRegion, error) {
+// take locks the freer may hold. owner is kept for the caller (Owner).
+func (a *Allocator) AddDeviceRegion(n int, owner any, release func(*Frame)) (*DeviceRegion, error) {
 	if n <= 0 || release == nil {
 		return nil, fmt.Errorf("physmem: device region of %d frames: %w", n, ErrInvalid)
 	}
@@ -43,16 +44,29 @@ func (a *Allocator) AddDeviceRegion(n int, release func(*Frame)) (*DeviceRegion,
 	if first+uint64(n) > MaxFrames {
 		return nil, fmt.Errorf("physmem: device region of %d frames at pfn %#x: beyond %d frames: %w", n, first, uint64(MaxFrames), ErrNoMem)
 	}
-	r := &DeviceRegion{first: PFN(first), frames: make([]Frame, n), release: release}
+	r := &DeviceRegion{first: PFN(first), frames: make([]Frame, n), release: release, owner: owner}
 	for i := range r.frames {
 		r.frames[i].pfn = uint32(first) + uint32(i)
 		r.frames[i].device = 1
+		r.frames[i].flags.Store(uint32(flagDeviceFree))
 		r.frames[i].data.Store(poisonData)
 	}
 	next := append(slices.Clone(cur), r)
 	a.regions.Store(&next)
 	return r, nil
 }
+
+// DeviceRegionOf returns the device region holding pfn, or nil for RAM
+// and numbers beyond every region.
+func (a *Allocator) DeviceRegionOf(pfn PFN) *DeviceRegion {
+	if pfn < PFN(a.nframes) {
+		return nil
+	}
+	return a.region(pfn)
+}
+
+// Owner returns what the region was added with.
+func (r *DeviceRegion) Owner() any { return r.owner }
 
 // region returns the device region holding pfn, or nil.
 func (a *Allocator) region(pfn PFN) *DeviceRegion {
@@ -96,18 +110,25 @@ func (r *DeviceRegion) Frame(i int) (*Frame, error) {
 }
 
 // Init hands out a free frame of the region (zone_device_page_init):
-// one reference, no flags, zero contents. A frame in use is ErrBusy.
+// one reference, no flags, zero contents. A frame in use, or still being
+// freed, is ErrBusy.
 func (r *DeviceRegion) Init(f *Frame) error {
 	if !r.Contains(f.PFN()) {
 		return fmt.Errorf("physmem: init %v: not in device region at %#x: %w", f, r.first, ErrInvalid)
 	}
-	if f.mapcount.Load() != 0 || f.IsLocked() {
-		return fmt.Errorf("physmem: init %v: %w", f, ErrBadState)
-	}
-	if !f.refcount.CompareAndSwap(0, 1) {
-		return fmt.Errorf("physmem: init %v: in use: %w", f, ErrBusy)
+	for {
+		// Other bits (a waiter on the page lock that has not yet woken)
+		// may be set alongside: only ownership matters.
+		old := f.flags.Load()
+		if old&uint32(flagDeviceFree) == 0 {
+			return fmt.Errorf("physmem: init %v: in use: %w", f, ErrBusy)
+		}
+		if f.flags.CompareAndSwap(old, old&^uint32(flagDeviceFree)) {
+			break
+		}
 	}
 	f.data.Store(nil)
+	f.refcount.Store(1)
 	r.inits.Add(1)
 	return nil
 }

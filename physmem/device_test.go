@@ -12,7 +12,7 @@ func TestDeviceRegionLifetime(t *testing.T) {
 	a := newAlloc(t, 1000)
 	var mu sync.Mutex
 	var released []PFN
-	r, err := a.AddDeviceRegion(4, func(f *Frame) {
+	r, err := a.AddDeviceRegion(4, nil, func(f *Frame) {
 		mu.Lock()
 		released = append(released, f.PFN())
 		mu.Unlock()
@@ -26,11 +26,17 @@ func TestDeviceRegionLifetime(t *testing.T) {
 	g, err := r.Frame(2)
 	require.NoError(t, err)
 	assert.Same(t, g, f, "the allocator finds device frames by PFN")
+	assert.Same(t, r, a.DeviceRegionOf(f.PFN()))
+	assert.Nil(t, a.DeviceRegionOf(3), "RAM")
 	assert.True(t, f.IsDevicePrivate())
 	assert.True(t, f.IsFree())
 
 	var hooked []PFN
-	defer a.OnFree(func(f *Frame) { hooked = append(hooked, f.PFN()) })()
+	var initDuringFree error
+	defer a.OnFree(func(f *Frame) {
+		hooked = append(hooked, f.PFN())
+		initDuringFree = r.Init(f)
+	})()
 
 	require.NoError(t, r.Init(f))
 	assert.ErrorIs(t, r.Init(f), ErrBusy, "handed out twice")
@@ -43,6 +49,7 @@ func TestDeviceRegionLifetime(t *testing.T) {
 	require.NoError(t, a.Put(f))
 	assert.Equal(t, []PFN{r.First() + 2}, released, "released to the owner")
 	assert.Equal(t, []PFN{r.First() + 2}, hooked, "after the free hooks, like any frame")
+	assert.ErrorIs(t, initDuringFree, ErrBusy, "not handed out while it is being freed")
 	assert.Equal(t, Flags(0), f.Flags())
 	v, _ := f.Load64(0)
 	assert.Equal(t, uint64(PoisonWord), v)
@@ -59,16 +66,16 @@ func TestDeviceRegionLifetime(t *testing.T) {
 
 func TestDeviceRegionBadInput(t *testing.T) {
 	a := newAlloc(t, 10)
-	_, err := a.AddDeviceRegion(0, func(*Frame) {})
+	_, err := a.AddDeviceRegion(0, nil, func(*Frame) {})
 	assert.ErrorIs(t, err, ErrInvalid)
-	_, err = a.AddDeviceRegion(1, nil)
+	_, err = a.AddDeviceRegion(1, nil, nil)
 	assert.ErrorIs(t, err, ErrInvalid)
-	_, err = a.AddDeviceRegion(MaxFrames, func(*Frame) {})
+	_, err = a.AddDeviceRegion(MaxFrames, nil, func(*Frame) {})
 	assert.ErrorIs(t, err, ErrNoMem)
 
-	r1, err := a.AddDeviceRegion(3, func(*Frame) {})
+	r1, err := a.AddDeviceRegion(3, nil, func(*Frame) {})
 	require.NoError(t, err)
-	r2, err := a.AddDeviceRegion(600, func(*Frame) {})
+	r2, err := a.AddDeviceRegion(600, nil, func(*Frame) {})
 	require.NoError(t, err)
 	assert.Equal(t, r1.First()+HugeFrames, r2.First())
 	for _, pfn := range []PFN{r1.First() + 3, r2.First() - 1, r2.First() + 600} {

@@ -36,11 +36,14 @@ const (
 	FlagHWPoison                     // hardware-poisoned (PG_hwpoison)
 	FlagPinned                       // has a long-term pin (FOLL_PIN accounting)
 
-	flagLocked  Flags = 1 << 30 // PG_locked: managed by Lock/Unlock
-	flagWaiters Flags = 1 << 31 // PG_waiters: somebody sleeps on the page lock
+	// flagDeviceFree marks a device-private frame its driver owns: freed
+	// and released, not yet handed out again. Managed by DeviceRegion.
+	flagDeviceFree Flags = 1 << 29
+	flagLocked     Flags = 1 << 30 // PG_locked: managed by Lock/Unlock
+	flagWaiters    Flags = 1 << 31 // PG_waiters: somebody sleeps on the page lock
 
 	// publicFlags are the flags SetFlags and ClearFlags may change.
-	publicFlags = flagLocked - 1
+	publicFlags = flagDeviceFree - 1
 )
 
 var flagNames = []string{"anon", "dirty", "referenced", "swapbacked", "ksm", "uptodate",

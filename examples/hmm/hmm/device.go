@@ -83,7 +83,8 @@ func (d *Device) Evict() (int, error) {
 		if f, _ := d.m.RAM().Frame(physmem.PFN(pfn)); f.IsFree() {
 			continue
 		}
-		if _, err := d.m.Migrate(pfn, d); err != nil {
+		// No owner: no mirror may skip these invalidations.
+		if _, err := d.m.Migrate(pfn, nil); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -107,20 +108,18 @@ func (o *devicePagemapOps) PageFree(pfn uint64) {
 
 // MigrateToRAM moves the page a CPU touched back to RAM
 // (dmirror_devmem_fault). The faulting process's mirror, if any, forgets
-// the device page first: the migration's invalidations carry the device
-// as owner, and the mirror that asked for them skips them.
+// the device page first and skips the migration's invalidations, which
+// carry its operation as owner.
 func (o *devicePagemapOps) MigrateToRAM(f *gomm.DeviceFault) error {
 	d := (*Device)(o)
 	d.stats.cpuFaults.Add(1)
-	mi := d.mirrorOf(f.MM())
-	a := &gomm.MigrateVMA{Start: f.Addr, End: f.Addr + PageSize, Owner: d, Select: gomm.MigrateSelectDevicePrivate}
-	var n int
-	var err error
-	if mi != nil {
-		mi.ownMigration(f.Addr, f.Addr+PageSize, func() { n, err = f.Migrate(a) })
-	} else {
-		n, err = f.Migrate(a)
+	a := &gomm.MigrateVMA{Start: f.Addr, End: f.Addr + PageSize, PagemapOwner: d, Select: gomm.MigrateSelectDevicePrivate}
+	if mi := d.mirrorOf(f.MM()); mi != nil {
+		op := mi.beginOwn(a.Start, a.End)
+		defer mi.endOwn(op)
+		a.Owner = op
 	}
+	n, err := f.Migrate(a)
 	d.stats.toRAM.Add(uint64(n))
 	return err
 }
@@ -151,27 +150,24 @@ type Mirror struct {
 	pt map[uint64]entry // virtual page number -> translation; protected by mu
 	// idx counts pt's entries per frame, for the checker; protected by mu.
 	idx devtlb.PFNIndex
-	// [ownStart, ownEnd) is the range this mirror is migrating or
-	// claiming itself, whose owner-tagged invalidations it skips; empty
-	// when none. ownInvalidated says another invalidation reached it
-	// meanwhile, so what the migration or claim would install may be
-	// stale already. Protected by mu; ownMu serialises their users.
-	ownStart, ownEnd uint64
-	ownInvalidated   bool
-	ownMu            sync.Mutex
+	// own are the migrations and claims the mirror is making itself;
+	// protected by mu.
+	own map[*ownOp]struct{}
 
 	unregisterCache func()
 
 	// Test switches: the bugs the notifier protocol exists to prevent.
-	skipRetry  bool   // install a RangeFault snapshot without ReadRetry
-	afterFault func() // if set, runs between RangeFault and the install
+	skipRetry    bool            // install a RangeFault snapshot without ReadRetry
+	afterFault   func()          // if set, runs between RangeFault and the install
+	noClaimCheck bool            // map a claim another invalidation overtook
+	beforeMap    func(va uint64) // if set, runs in a claim before the mirror maps the page
 }
 
 // Open starts mirroring mm on the device (opening /dev/hmm_dmirror): an
 // interval notifier over the whole address space, and the mirror
 // registered with the machine's checker.
 func (d *Device) Open(mm *gomm.MM) (*Mirror, error) {
-	mi := &Mirror{dev: d, mm: mm, pt: map[uint64]entry{}, idx: devtlb.PFNIndex{}}
+	mi := &Mirror{dev: d, mm: mm, pt: map[uint64]entry{}, idx: devtlb.PFNIndex{}, own: map[*ownOp]struct{}{}}
 	// Claimed before the insert, which takes mmap_lock: a fault holds
 	// that while it looks the mirror up.
 	d.mirrorsMu.Lock()
@@ -224,18 +220,19 @@ func (mi *Mirror) Invalidate(in *notifier.Interval, r *notifier.Range, curSeq ui
 		return false
 	}
 	defer mi.mu.Unlock()
-	if r.Owner == mi.dev && (r.Event == notifier.EventMigrate || r.Event == notifier.EventExclusive) &&
-		r.Start >= mi.ownStart && r.End <= mi.ownEnd {
+	if op, ok := r.Owner.(*ownOp); ok && op.mi == mi {
 		// What counts is what happens to the page after its entry
-		// changed for us here: a restore of an earlier claim that
-		// was never installed, or a copy-on-write on the way, does not.
-		mi.ownInvalidated = false
+		// changed for us here: a restore of an earlier claim that was
+		// never installed, or a copy-on-write on the way, does not.
+		op.invalidated = false
 		mi.dev.stats.ownSkipped.Add(1)
 		return true
 	}
 	in.SetSeq(curSeq)
-	if r.Start < mi.ownEnd && r.End > mi.ownStart {
-		mi.ownInvalidated = true
+	for op := range mi.own {
+		if r.Start < op.end && r.End > op.start {
+			op.invalidated = true
+		}
 	}
 	mi.dev.stats.invalidations.Add(1)
 	mi.dropLocked(r.Start, r.End)
@@ -276,26 +273,39 @@ func (mi *Mirror) setLocked(vpn uint64, e entry) {
 	mi.idx.Add(e.pfn)
 }
 
-// ownMigration runs fn with [start, end) marked as the mirror's own,
-// after forgetting what it mirrors there: the device knows it is about
-// to move or claim those pages, so their invalidations carry no news.
-// What fn installs it installs only if no other invalidation reached the
-// range meanwhile (ownInvalidated): a precise ReadRetry, which a
-// whole-address-space interval bumped by every fault elsewhere could not
-// give a claim racing a busy CPU.
-func (mi *Mirror) ownMigration(start, end uint64, fn func()) {
-	mi.ownMu.Lock()
-	defer mi.ownMu.Unlock()
+// ownOp is a migration or exclusive claim the mirror makes itself: the
+// owner its invalidations carry, so that it skips exactly those and no
+// other device operation's (a per-device owner would also hide from
+// this mirror a migration another thread's fault started).
+type ownOp struct {
+	mi         *Mirror
+	start, end uint64
+	// invalidated says another invalidation reached the range since the
+	// operation's own last one, so what it would install may be stale: a
+	// ReadRetry for the operation's pages alone, which a
+	// whole-address-space interval bumped by every fault elsewhere could
+	// not give a claim racing a busy CPU. Protected by mi.mu.
+	invalidated bool
+}
+
+// beginOwn starts an operation of the mirror's own on [start, end),
+// forgetting what it mirrors there: it is about to move or claim those
+// pages, so their invalidations carry no news for it. No lock is held
+// until endOwn: the operation calls into the MM, which may fault a
+// device page back and start another.
+func (mi *Mirror) beginOwn(start, end uint64) *ownOp {
+	op := &ownOp{mi: mi, start: start, end: end}
 	mi.mu.Lock()
+	defer mi.mu.Unlock()
 	mi.dropLocked(start, end)
-	mi.ownStart, mi.ownEnd, mi.ownInvalidated = start, end, false
-	mi.mu.Unlock()
-	defer func() {
-		mi.mu.Lock()
-		mi.ownStart, mi.ownEnd, mi.ownInvalidated = 0, 0, false
-		mi.mu.Unlock()
-	}()
-	fn()
+	mi.own[op] = struct{}{}
+	return op
+}
+
+func (mi *Mirror) endOwn(op *ownOp) {
+	mi.mu.Lock()
+	defer mi.mu.Unlock()
+	delete(mi.own, op)
 }
 
 // CacheName and CachedPFN make the mirror a checked cache.

@@ -3,9 +3,11 @@ package hmm
 import (
 	"bytes"
 	"encoding/binary"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/tlb"
@@ -582,4 +584,110 @@ func TestDemo(t *testing.T) {
 	assert.Contains(t, out.String(), "checker violations")
 	_, err = RunDemo(&out, DemoConfig{Pages: 1})
 	assert.ErrorIs(t, err, gomm.ErrInvalid)
+}
+
+// within fails the test if fn does not return in time: the tests below
+// guard against deadlocks.
+func within(t *testing.T, d time.Duration, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("still running after %v: deadlocked", d)
+	}
+}
+
+// A claim of a page in the device's own memory faults it back to RAM
+// first, from inside the claim: the mirror holds no lock across a call
+// into the MM, or the fault's migration would wait for the claim.
+func TestClaimOfADevicePage(t *testing.T) {
+	w := newWorld(t, 256)
+	a := w.mmap(2, rw, anon)
+	fill(t, w.mm, a, 2, ident)
+	_, err := w.mi.MigrateToDevice(a, 2*PageSize)
+	require.NoError(t, err)
+	within(t, 10*time.Second, func() {
+		v, err := w.mi.AtomicAdd(a, 1)
+		assert.NoError(t, err)
+		assert.Equal(t, uint64(1), v)
+		assert.NoError(t, w.mi.MakeExclusive(a+PageSize, PageSize))
+	})
+	expect(t, cpuRead(t, w.mm, a+8, 1), func(i int) uint64 { return uint64(i + 1) }, "rest of the page")
+}
+
+// CPU faults on device pages (mmap_lock, then the driver), the device's
+// own migrations (the driver, then mmap_lock) and a writer wanting
+// mmap_lock, all at once: no lock order between them may close a cycle.
+func TestDeviceFaultsMigrationsAndMmapTogether(t *testing.T) {
+	w := newWorld(t, 1024)
+	const pages = 8
+	a := w.mmap(2*pages, rw, anon)
+	fill(t, w.mm, a, 2*pages, ident)
+	rounds := testmain.Iterations(200, 40)
+	within(t, 60*time.Second, func() {
+		var wg sync.WaitGroup
+		wg.Go(func() { // the CPU, on the first half
+			cpu := w.m.CPU(0)
+			cpu.Switch(w.mm.NewTask("cpu"))
+			defer cpu.Switch(tlb.NewKernelThread("idle"))
+			for r := range rounds {
+				va := a + uint64(r%pages)*PageSize
+				v, err := cpu.Load64(va)
+				if !assert.NoError(t, err) || !assert.Equal(t, uint64(r%pages*words), v) {
+					return
+				}
+			}
+		})
+		wg.Go(func() { // a writer on mmap_lock, elsewhere
+			for range rounds {
+				b, err := w.mm.Mmap(0, PageSize, rw, anon)
+				if !assert.NoError(t, err) || !assert.NoError(t, w.mm.Munmap(b, PageSize)) {
+					return
+				}
+			}
+		})
+		for r := range rounds { // the device, on both halves
+			_, _ = w.mi.MigrateToDevice(a, 2*pages*PageSize)
+			if r%2 == 0 {
+				_, _ = w.mi.MigrateToSystem(a+pages*PageSize, pages*PageSize)
+			}
+		}
+		wg.Wait()
+	})
+	expect(t, cpuRead(t, w.mm, a, 2*pages), ident, "contents")
+}
+
+// A claim must not map a page another invalidation took away between
+// the exclusive entry going in and the mirror mapping it: MADV_DONTNEED
+// takes no page lock, so only the claim's own check sees it.
+func TestClaimOvertakenByDontNeed(t *testing.T) {
+	for _, noCheck := range []bool{false, true} {
+		t.Run(map[bool]string{false: "with check", true: "without"}[noCheck], func(t *testing.T) {
+			w := newWorld(t, 256)
+			w.expectViolations = noCheck
+			a := w.mmap(1, rw, anon)
+			fill(t, w.mm, a, 1, ident)
+			w.mi.noClaimCheck = noCheck
+			w.mi.beforeMap = func(va uint64) {
+				w.mi.beforeMap = nil
+				// Another thread's: it shares the claim's mmap_lock read side.
+				done := make(chan error)
+				go func() { done <- w.mm.Madvise(va, PageSize, gomm.MadvDontNeed) }()
+				require.NoError(t, <-done)
+			}
+			err := w.mi.MakeExclusive(a, PageSize)
+			_, n := w.m.Violations()
+			assert.Equal(t, noCheck, n > 0, "violations: %d", n)
+			if !noCheck {
+				require.NoError(t, err, "claimed again on the next try")
+				exclusive, _ := w.mi.ExclusivePages(a, PageSize)
+				assert.Equal(t, 1, exclusive)
+			}
+		})
+	}
 }

@@ -27,17 +27,18 @@ func (mi *Mirror) MigrateToDevice(addr, length uint64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	a := &gomm.MigrateVMA{Owner: mi.dev, Select: gomm.MigrateSelectSystem,
+	a := &gomm.MigrateVMA{Select: gomm.MigrateSelectSystem,
 		AllocDst: func(uint64, *physmem.Frame) (*physmem.Frame, error) { return mi.dev.allocPage() },
-		Migrated: func(p gomm.MigratedPage) {
+	}
+	n, err := mi.migrate(addr, end, a, func(op *ownOp) {
+		a.Migrated = func(p gomm.MigratedPage) {
 			mi.mu.Lock()
-			if !mi.ownInvalidated {
+			if !op.invalidated {
 				mi.setLocked(p.Addr/PageSize, entry{pfn: uint64(p.Dst.PFN()), write: p.Writable})
 			}
 			mi.mu.Unlock()
-		},
-	}
-	n, err := mi.migrate(addr, end, a)
+		}
+	})
 	mi.dev.stats.toDevice.Add(uint64(n))
 	return n, err
 }
@@ -50,14 +51,15 @@ func (mi *Mirror) MigrateToSystem(addr, length uint64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	n, err := mi.migrate(addr, end, &gomm.MigrateVMA{Owner: mi.dev, Select: gomm.MigrateSelectDevicePrivate})
+	n, err := mi.migrate(addr, end, &gomm.MigrateVMA{PagemapOwner: mi.dev, Select: gomm.MigrateSelectDevicePrivate}, nil)
 	mi.dev.stats.toRAM.Add(uint64(n))
 	return n, err
 }
 
 // migrate runs a over [start, end), one mapping at a time as
-// migrate_vma requires, as the mirror's own migration.
-func (mi *Mirror) migrate(start, end uint64, a *gomm.MigrateVMA) (int, error) {
+// migrate_vma requires, each as an operation of the mirror's own;
+// prepare, if set, fits a to the operation.
+func (mi *Mirror) migrate(start, end uint64, a *gomm.MigrateVMA, prepare func(*ownOp)) (int, error) {
 	moved, want := 0, 0
 	for _, v := range mi.mm.VMAs() {
 		s, e := max(start, v.Start), min(end, v.End)
@@ -65,10 +67,13 @@ func (mi *Mirror) migrate(start, end uint64, a *gomm.MigrateVMA) (int, error) {
 			continue
 		}
 		want += int((e - s) / PageSize)
-		a.Start, a.End = s, e
-		var n int
-		var err error
-		mi.ownMigration(s, e, func() { n, err = mi.mm.MigrateVMA(a) })
+		op := mi.beginOwn(s, e)
+		a.Start, a.End, a.Owner = s, e, op
+		if prepare != nil {
+			prepare(op)
+		}
+		n, err := mi.mm.MigrateVMA(a)
+		mi.endOwn(op)
 		moved += n
 		if err != nil {
 			return moved, err
@@ -104,19 +109,21 @@ func (mi *Mirror) MakeExclusive(addr, length uint64) error {
 func (mi *Mirror) claim(va uint64) error {
 	for range 16 {
 		installed := false
-		var err error
-		mi.ownMigration(va, va+PageSize, func() {
-			err = mi.mm.MakeDeviceExclusive(va, mi.dev, func(pfn uint64) error {
-				mi.mu.Lock()
-				defer mi.mu.Unlock()
-				if mi.ownInvalidated {
-					return nil
-				}
-				mi.setLocked(va/PageSize, entry{pfn: pfn, write: true, atomic: true})
-				installed = true
+		op := mi.beginOwn(va, va+PageSize)
+		err := mi.mm.MakeDeviceExclusive(va, op, func(pfn uint64) error {
+			if mi.beforeMap != nil {
+				mi.beforeMap(va)
+			}
+			mi.mu.Lock()
+			defer mi.mu.Unlock()
+			if op.invalidated && !mi.noClaimCheck {
 				return nil
-			})
+			}
+			mi.setLocked(va/PageSize, entry{pfn: pfn, write: true, atomic: true})
+			installed = true
+			return nil
 		})
+		mi.endOwn(op)
 		if err != nil {
 			return err
 		}
