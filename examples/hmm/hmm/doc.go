@@ -22,10 +22,13 @@
 // between.
 //
 // Migration to device memory (MigrateToDevice) runs gomm.MM.MigrateVMA
-// with the device as owner. The mirror drops its own translations of the
-// range first and skips the migration's invalidations, which carry the
-// device as owner (the Migrate owner skip); it maps each page where it
-// lands from the Migrated callback, before the RAM page is freed. A CPU
+// as an operation of the mirror's own: a token that is the Owner of the
+// migration's invalidations. The mirror drops its translations of the
+// range first and skips exactly those invalidations (the Migrate owner
+// skip; the kernel's dmirror matches the device instead, which would also
+// hide another thread's migration of the same range); it maps each page
+// where it lands from the Migrated callback, before the RAM page is
+// freed, unless another invalidation reached the range meanwhile. A CPU
 // touching a device page faults into the device's MigrateToRAM, which
 // migrates it back the same way. RangeFault reports the device's own
 // pages as they are (DevicePrivateOwner), so the device reads its memory
@@ -41,7 +44,9 @@
 //
 // Mirror.mu (dmirror->mutex) ranks below every MM lock and below the page
 // lock: Invalidate takes it inside the MM's invalidations, and the
-// Migrated and exclusive callbacks with pages locked. Device accesses
+// Migrated and exclusive callbacks with pages locked. No driver lock is
+// held across a call into the MM: a claim can fault a device page back
+// to RAM through MigrateToRAM, which starts an operation of its own. Device accesses
 // hold it across the lookup and the copy, so no invalidation, and hence
 // no free, overtakes a copy. Device.mu (the free list) and
 // Device.mirrorsMu are leaf locks. Invariant: a mirror translates a frame
