@@ -234,6 +234,7 @@ func TestMembarrierNeverMissesAUserCPU(t *testing.T) {
 	assert.Zero(t, missed.Load())
 	assert.Zero(t, spurious.Load())
 	assert.Equal(t, uint64(rounds), r.Sys.Stats().MembarrierIPIs)
+	assert.Empty(t, r.Violations())
 }
 
 // TestConcurrentAccessUnmapAndFree has two CPUs loading and storing over a

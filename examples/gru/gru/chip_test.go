@@ -20,6 +20,10 @@ func setup(t *testing.T, mode Mode) (*gomm.Machine, *Chip, *gomm.MM, uint64) {
 	chip, err := New(m, 8, mode)
 	require.NoError(t, err)
 	t.Cleanup(chip.Close)
+	t.Cleanup(func() {
+		v, n := m.Violations()
+		assert.Zero(t, n, "checker violations: %v", v)
+	})
 	mm := m.NewMM()
 	a, err := mm.Mmap(0x1000_0000, 16*PageSize, rw, gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed)
 	require.NoError(t, err)
