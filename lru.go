@@ -10,10 +10,13 @@ import (
 // file pages together): an active and an inactive list, linked through
 // arrays indexed by frame number so that adding, removing and rotating
 // allocate nothing. A frame is on at most one list; its LRU flag says
-// so. The lists hold no references: a frame leaves its list when it is
-// freed (the allocator's free hook), and reclaim takes a reference
-// before it looks at one.
+// so, and changes with the list membership under mu, so that an add
+// racing an isolation cannot leave a listed frame unflagged (which the
+// free hook would then leave on its list). The lists hold no references:
+// a frame leaves its list when it is freed (the allocator's free hook),
+// and reclaim takes a reference before it looks at one.
 type lru struct {
+	ram  *physmem.Allocator
 	mu   sync.Mutex
 	next []uint32 // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
 	prev []uint32 // protected by mu
@@ -29,8 +32,9 @@ const (
 	lruActive
 )
 
-func newLRU(frames int) *lru {
-	return &lru{next: make([]uint32, frames), prev: make([]uint32, frames), on: make([]uint8, frames)}
+func newLRU(ram *physmem.Allocator) *lru {
+	n := ram.Frames()
+	return &lru{ram: ram, next: make([]uint32, n), prev: make([]uint32, n), on: make([]uint8, n)}
 }
 
 // add puts f at the head of a list, if it is on none (folio_add_lru).
@@ -83,6 +87,9 @@ func (l *lru) unlinkLocked(pfn uint32) {
 	}
 	l.on[pfn] = lruNone
 	l.n[which]--
+	if f, err := l.ram.Frame(physmem.PFN(pfn)); err == nil {
+		f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
+	}
 }
 
 // del takes f off its list (folio_isolate_lru without the reference, or
@@ -92,7 +99,6 @@ func (l *lru) del(f *physmem.Frame) {
 	l.mu.Lock()
 	l.unlinkLocked(pfn)
 	l.mu.Unlock()
-	f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
 }
 
 // isolateTail takes the frame at the tail of the inactive list off it,

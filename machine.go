@@ -91,7 +91,7 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if cfg.SwapSlots < 0 || cfg.SwapSlots > pagetable.MaxSwapOffset {
 		return nil, fmt.Errorf("gomm: %d swap slots: %w", cfg.SwapSlots, ErrInvalid)
 	}
-	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(cfg.Frames), ksm: newKSM()}
+	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(ram), ksm: newKSM()}
 	if cfg.SwapSlots > 0 {
 		m.swap = newSwapDevice(ram, cfg.SwapSlots)
 	}

@@ -57,7 +57,6 @@ func (m *Machine) Reclaim(n int) ReclaimStats {
 		if err != nil || !m.ram.TryGet(f) {
 			continue // being freed
 		}
-		f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
 		st.scanned.Add(1)
 		if m.shrink(f, &st) {
 			putback = append(putback, f)
