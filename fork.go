@@ -69,23 +69,46 @@ func (mm *MM) Fork() (*MM, error) {
 // and a map count of its own; a swap entry takes another reference on
 // its slot, and a writable migration entry becomes a read-only one in
 // both, so the page is copied on write once it has moved.
-// A table's entries are collected under the parent's PTE lock and
-// installed under the child's afterwards, so two PTE locks are never held
-// at once. Called with mmap_lock held for write.
+// The walk stops after each PTE table: its entries, collected under the
+// parent's PTE lock, are installed under the child's afterwards, one lock
+// for the table, so two PTE locks are never held at once and the batch
+// never outgrows a table. Called with mmap_lock held for write.
 func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
-	type entry struct {
-		va uint64
-		e  pagetable.PTE
+	batch := make([]copiedEntry, 0, pagetable.Entries)
+	for start < end {
+		resume, err := mm.collectCopies(v, start, end, &batch)
+		if ierr := child.installCopies(batch); ierr != nil {
+			return ierr
+		}
+		batch = batch[:0]
+		if err != nil || resume >= end {
+			return err
+		}
+		start = resume
 	}
-	var batch []entry
+	return nil
+}
+
+// copiedEntry is an entry of the parent's on its way to the child, with
+// the references and map counts it needs already taken.
+type copiedEntry struct {
+	va uint64
+	e  pagetable.PTE
+}
+
+// collectCopies appends to batch the copies of the entries of [start,
+// end) up to the end of the first PTE table it meets (and any huge
+// leaves before it), and returns where to go on.
+func (mm *MM) collectCopies(v *vma, start, end uint64, batch *[]copiedEntry) (resume uint64, err error) {
+	resume = end
 	var ferr error
-	err := mm.table.Range(start, end, pagetable.RangeFuncs{
+	err = mm.table.Range(start, end, pagetable.RangeFuncs{
 		PMD: func(s pagetable.PMDSlot) bool {
 			e := s.Get()
 			switch {
 			case !e.IsHuge():
 			case e&pagetable.Special != 0:
-				batch = append(batch, entry{va: s.Base(), e: e})
+				*batch = append(*batch, copiedEntry{va: s.Base(), e: e})
 			case v.anonymous() && !v.shared():
 				// copy_huge_pmd: both sides share the huge page,
 				// write-protected, each frame counting both mappings.
@@ -93,7 +116,7 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 					return false
 				}
 				e = s.WriteProtect().Without(pagetable.Write)
-				batch = append(batch, entry{va: s.Base(), e: e})
+				*batch = append(*batch, copiedEntry{va: s.Base(), e: e})
 				mm.m.thp.copiedOnFork.Add(1)
 			default:
 				// Only private anonymous memory is mapped huge by
@@ -159,40 +182,60 @@ func (mm *MM) copyRange(child *MM, v *vma, start, end uint64) error {
 						e = pt.WriteProtect(i).Without(pagetable.Write)
 					}
 				}
-				batch = append(batch, entry{va: pt.VA(i), e: e})
+				*batch = append(*batch, copiedEntry{va: pt.VA(i), e: e})
 			}
-			return true
+			resume = pt.VA(last-1) + PageSize
+			return false
 		},
 	})
 	if ferr != nil {
 		err = ferr
 	}
-	for k, c := range batch {
+	return resume, err
+}
+
+// installCopies maps the collected entries in the child, taking each
+// PTE table's lock once. If the child cannot take them (no memory for a
+// table), it gives back what the rest would have held.
+func (mm *MM) installCopies(batch []copiedEntry) error {
+	for k := 0; k < len(batch); {
+		c := batch[k]
+		var err error
 		if c.e.IsHuge() {
-			if aerr := child.installHuge(c.va, c.e); aerr != nil {
-				for _, rest := range batch[k:] {
-					child.dropCopied(rest.e)
-				}
-				return aerr
-			}
-			continue
+			err = mm.installHuge(c.va, c.e)
+			k++
+		} else {
+			k, err = mm.installTable(batch, k)
 		}
-		pt, aerr := child.table.AllocLockPTE(c.va)
-		if aerr != nil {
-			// The child cannot take the rest: give back what it would
-			// have held.
+		if err != nil {
 			for _, rest := range batch[k:] {
-				child.dropCopied(rest.e)
+				mm.dropCopied(rest.e)
 			}
-			return aerr
-		}
-		pt.Set(pt.Index(c.va), c.e)
-		pt.Unlock()
-		if _, held := c.e.HeldFrame(); held || c.e.IsPresent() && c.e&pagetable.Special == 0 {
-			child.rss.Add(1)
+			return err
 		}
 	}
-	return err
+	return nil
+}
+
+// installTable installs batch[k:] up to the first entry outside batch[k]'s
+// PTE table or a huge leaf, under one lock, and returns where it stopped.
+func (mm *MM) installTable(batch []copiedEntry, k int) (int, error) {
+	pt, err := mm.table.AllocLockPTE(batch[k].va)
+	if err != nil {
+		return k, err
+	}
+	defer pt.Unlock()
+	table := batch[k].va &^ (pagetable.HugeSize - 1)
+	mapped := int64(0)
+	for ; k < len(batch) && !batch[k].e.IsHuge() && batch[k].va&^(pagetable.HugeSize-1) == table; k++ {
+		e := batch[k].e
+		pt.Set(pt.Index(batch[k].va), e)
+		if _, held := e.HeldFrame(); held || e.IsPresent() && e&pagetable.Special == 0 {
+			mapped++
+		}
+	}
+	mm.rss.Add(mapped)
+	return k, nil
 }
 
 // dropCopied gives back the references and mappings a copied entry
