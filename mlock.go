@@ -49,18 +49,8 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 	mm.mmapLock.DowngradeWrite()
 	defer mm.mmapLock.RUnlock()
 	if lock {
-		for va := start; va < end; va += PageSize {
-			v := mm.vmas.lookup(va)
-			if v.prot == ProtNone {
-				continue
-			}
-			acc := pagetable.AccessRead
-			if v.prot&ProtWrite != 0 && !v.shared() {
-				acc = pagetable.AccessWrite
-			}
-			if err := mm.faultLocked(v, va, acc); err != nil {
-				return err
-			}
+		if err := mm.populateLocked(start, end); err != nil {
+			return err
 		}
 	}
 	mm.markLocked(start, end, lock)

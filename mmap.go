@@ -104,26 +104,35 @@ func (mm *MM) mmapRegion(addr, size uint64, prot Prot, flags MapFlags, file *Fil
 	}
 	mm.mmapLock.DowngradeWrite()
 	defer mm.mmapLock.RUnlock()
-	acc := pagetable.AccessRead
-	if prot&ProtWrite != 0 {
-		acc = pagetable.AccessWrite
-	}
-	mm.populateLocked(start, start+size, acc)
+	_ = mm.populateLocked(start, start+size) // MAP_POPULATE is best effort
 	return start, nil
 }
 
-// populateLocked faults [start, end) in for acc, stopping at the first
-// failure (populate_vma_page_range). Called with mmap_lock held.
-func (mm *MM) populateLocked(start, end uint64, acc pagetable.Access) {
-	for va := start; va < end; va += PageSize {
-		if mm.exited {
-			return
+// populateLocked faults [start, end) in, stopping at the first failure
+// (populate_vma_page_range): one look-up per VMA, not per page; writable
+// private memory is faulted for writing, so copy-on-write is broken now
+// rather than at the first store, everything else for reading; PROT_NONE
+// is skipped; and a fault that mapped a huge leaf covers its 2 MiB.
+// Called with mmap_lock held.
+func (mm *MM) populateLocked(start, end uint64) error {
+	for _, v := range mm.vmas.overlapping(start, end) {
+		if v.prot == ProtNone {
+			continue
 		}
-		v := mm.vmas.lookup(va)
-		if v == nil || mm.faultLocked(v, va, acc) != nil {
-			return
+		acc := pagetable.AccessRead
+		if v.prot&ProtWrite != 0 && !v.shared() {
+			acc = pagetable.AccessWrite
+		}
+		for va := max(start, v.Start); va < min(end, v.End); va += PageSize {
+			if err := mm.faultLocked(v, va, acc); err != nil {
+				return err
+			}
+			if _, level := mm.table.Lookup(va); level == pagetable.LevelPMD {
+				va = va&^(pagetable.HugeSize-1) + pagetable.HugeSize - PageSize
+			}
 		}
 	}
+	return nil
 }
 
 func (mm *MM) checkMmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, error) {

@@ -101,6 +101,24 @@ func TestTHPFallsBackWithoutAFreeBlock(t *testing.T) {
 	require.NoError(t, mm.Exit())
 }
 
+// Populating (MAP_POPULATE, mlock) takes one fault per huge leaf, not one
+// per 4 KiB page of it.
+func TestTHPPopulateFaultsOncePerLeaf(t *testing.T) {
+	m := newMachine(t, gomm.Config{CPUs: 1, Frames: 4096, THP: gomm.THPAlways})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0x4000_0000, 2*huge, rw, anon|gomm.MapFixed|gomm.MapPopulate)
+	require.NoError(t, err)
+	assert.Equal(t, pagetable.LevelPMD, levelAt(mm, addr))
+	assert.Equal(t, pagetable.LevelPMD, levelAt(mm, addr+huge))
+	assert.EqualValues(t, 2, mm.Faults())
+	b, err := mm.Mmap(0x4100_0000, 2*huge, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	require.NoError(t, mm.Mlock(b, 2*huge))
+	assert.EqualValues(t, 4, mm.Faults())
+	require.NoError(t, m.CheckRmap(mm))
+	require.NoError(t, mm.Exit())
+}
+
 // TestTHPCOWAfterFork is the huge half of the kernel's cow selftest
 // (tools/testing/selftests/mm/cow.c, run_with_thp): a THP mapped by a
 // PMD, by PTEs after a split, by a single PTE, and partly mremap'ed, is
