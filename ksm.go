@@ -93,16 +93,7 @@ func (k *ksm) exit(mm *MM) {
 // setMergeable is madvise(MADV_MERGEABLE / MADV_UNMERGEABLE).
 func (mm *MM) setMergeable(start, end uint64, on bool) error {
 	mm.mmapLock.Lock()
-	if err := mm.checkMapped("madvise", start, end); err != nil {
-		mm.mmapLock.Unlock()
-		return err
-	}
-	vs, err := mm.isolate(start, end)
-	if err != nil {
-		mm.mmapLock.Unlock()
-		return err
-	}
-	for _, v := range vs {
+	err := mm.updateVMAsLocked("madvise", start, end, func(v *vma) {
 		switch {
 		case !v.anonymous() || v.shared():
 		case on:
@@ -110,8 +101,11 @@ func (mm *MM) setMergeable(start, end uint64, on bool) error {
 		default:
 			v.ClearFlags(rmap.VMMergeable)
 		}
+	})
+	if err != nil {
+		mm.mmapLock.Unlock()
+		return err
 	}
-	mm.mergeAround(start, end)
 	if on {
 		mm.m.ksm.enter(mm)
 		mm.mmapLock.Unlock()

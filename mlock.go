@@ -29,23 +29,17 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 		return err
 	}
 	mm.mmapLock.Lock()
-	if err := mm.checkMapped(op, start, end); err != nil {
-		mm.mmapLock.Unlock()
-		return err
-	}
-	vs, err := mm.isolate(start, end)
-	if err != nil {
-		mm.mmapLock.Unlock()
-		return err
-	}
-	for _, v := range vs {
+	err = mm.updateVMAsLocked(op, start, end, func(v *vma) {
 		if lock {
 			v.SetFlags(rmap.VMLocked)
 		} else {
 			v.ClearFlags(rmap.VMLocked)
 		}
+	})
+	if err != nil {
+		mm.mmapLock.Unlock()
+		return err
 	}
-	mm.mergeAround(start, end)
 	mm.mmapLock.DowngradeWrite()
 	defer mm.mmapLock.RUnlock()
 	if lock {

@@ -204,6 +204,17 @@ func (mm *MM) Madvise(addr, length uint64, advice Advice) error {
 func (mm *MM) setVMAFlags(op string, start, end uint64, set, clear rmap.VMFlags) error {
 	mm.mmapLock.Lock()
 	defer mm.mmapLock.Unlock()
+	return mm.updateVMAsLocked(op, start, end, func(v *vma) {
+		v.ClearFlags(clear)
+		v.SetFlags(set)
+	})
+}
+
+// updateVMAsLocked applies change to the VMAs of [start, end), which must
+// be mapped without holes, splitting VMAs at the edges first and merging
+// what the change made alike afterwards (the madvise/mlock VMA walk).
+// Called with mmap_lock held for write.
+func (mm *MM) updateVMAsLocked(op string, start, end uint64, change func(*vma)) error {
 	if err := mm.checkMapped(op, start, end); err != nil {
 		return err
 	}
@@ -212,8 +223,7 @@ func (mm *MM) setVMAFlags(op string, start, end uint64, set, clear rmap.VMFlags)
 		return err
 	}
 	for _, v := range vs {
-		v.ClearFlags(clear)
-		v.SetFlags(set)
+		change(v)
 	}
 	mm.mergeAround(start, end)
 	return nil
