@@ -56,14 +56,9 @@ func (m *Machine) CheckRmap(mms ...*MM) error {
 				PTEs: func(pt pagetable.PTETable, first, last int) bool {
 					for i := first; i < last; i++ {
 						e := pt.Get(i)
-						switch {
-						case e.IsPresent() && e&pagetable.Special == 0:
-							maps_[e.PFN()] = append(maps_[e.PFN()], place{mm.space(), pt.VA(i)})
-						case e.IsDevicePrivate() || e.IsDeviceExclusive():
-							pfn, _ := e.HeldFrame()
+						if pfn, ok := e.MappedFrame(); ok {
 							maps_[pfn] = append(maps_[pfn], place{mm.space(), pt.VA(i)})
-						case e.IsSwap() && !e.IsMigration():
-							s, _ := e.Swap()
+						} else if s, ok := e.Swap(); ok && !e.IsMigration() {
 							slots[s.Offset]++
 						}
 					}

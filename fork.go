@@ -230,7 +230,7 @@ func (mm *MM) installTable(batch []copiedEntry, k int) (int, error) {
 	for ; k < len(batch) && !batch[k].e.IsHuge() && batch[k].va&^(pagetable.HugeSize-1) == table; k++ {
 		e := batch[k].e
 		pt.Set(pt.Index(batch[k].va), e)
-		if _, held := e.HeldFrame(); held || e.IsPresent() && e&pagetable.Special == 0 {
+		if _, ok := e.MappedFrame(); ok {
 			mapped++
 		}
 	}
@@ -241,14 +241,9 @@ func (mm *MM) installTable(batch []copiedEntry, k int) (int, error) {
 // dropCopied gives back the references and mappings a copied entry
 // would have held.
 func (mm *MM) dropCopied(e pagetable.PTE) {
-	if pfn, held := e.HeldFrame(); held {
-		e = pagetable.NewPTE(pfn, 0)
-	}
-	if !e.IsPresent() {
-		mm.m.zapEntry(e)
-		return
-	}
-	if e&pagetable.Special != 0 {
+	pfn, ok := e.MappedFrame()
+	if !ok {
+		mm.m.zapEntry(e) // a swap entry's slot reference; nothing for the rest
 		return
 	}
 	n := uint64(1)
@@ -256,7 +251,7 @@ func (mm *MM) dropCopied(e pagetable.PTE) {
 		n = pagetable.Entries
 	}
 	for i := range n {
-		if f, err := mm.m.ram.Frame(physmem.PFN(e.PFN() + i)); err == nil {
+		if f, err := mm.m.ram.Frame(physmem.PFN(pfn + i)); err == nil {
 			f.DecMapCount()
 			_ = mm.m.ram.Put(f)
 		}

@@ -40,36 +40,21 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					}
 					old := pt.GetAndClear(i)
 					g.RemovePTE(pt.VA(i))
-					if pfn, held := old.HeldFrame(); held {
-						// A device-private or device-exclusive entry is a
-						// mapping of its frame like a present one, though
-						// no TLB holds it.
-						f, ferr := g.frame(pfn)
-						if ferr != nil {
-							err = ferr
-							continue
-						}
-						f.DecMapCount()
+					if old.IsPresent() {
+						st.Present++
+					} else {
 						st.Other++
-						st.Frames++
-						if g.RemovePage(f) {
-							full, resume = true, pt.VA(i+1)
-							return false
-						}
-						continue
 					}
-					if !old.IsPresent() {
-						st.Other++
-						if g.nonPresent != nil {
+					// A device-private or device-exclusive entry maps its
+					// frame like a present one, though no TLB holds it.
+					pfn, maps := old.MappedFrame()
+					if !maps {
+						if !old.IsPresent() && g.nonPresent != nil {
 							g.nonPresent(old)
 						}
 						continue
 					}
-					st.Present++
-					if old&pagetable.Special != 0 {
-						continue
-					}
-					f, ferr := g.frame(old.PFN())
+					f, ferr := g.frame(pfn)
 					if ferr != nil {
 						err = ferr
 						continue

@@ -256,6 +256,18 @@ func (e PTE) HeldFrame() (pfn uint64, ok bool) {
 	return 0, false
 }
 
+// MappedFrame returns the 4 KiB frame an entry counts as a mapping of,
+// with a reference and a map count: a present entry's unless it is
+// Special (the zero page, PFN maps), a device entry's (HeldFrame). For a
+// huge leaf it is the first frame. Swap, migration and none entries map
+// nothing.
+func (e PTE) MappedFrame() (pfn uint64, ok bool) {
+	if e.IsPresent() {
+		return e.PFN(), e&Special == 0
+	}
+	return e.HeldFrame()
+}
+
 // IsSwapWritable reports whether a migration or device-private entry
 // stands for a writable mapping (is_writable_migration_entry,
 // is_writable_device_private_entry); a device-exclusive entry always does.

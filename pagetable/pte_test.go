@@ -121,12 +121,24 @@ func TestEntryKinds(t *testing.T) {
 			assert.Equal(t, tc.writable, tc.e.IsSwapWritable())
 			pfn, held := tc.e.HeldFrame()
 			assert.Equal(t, tc.held, held)
+			mpfn, mapped := tc.e.MappedFrame()
+			assert.Equal(t, tc.held || tc.e.IsPresent(), mapped)
+			if mapped {
+				assert.Equal(t, uint64(7), mpfn)
+			}
 			if held {
 				assert.Equal(t, uint64(7), pfn)
 				assert.False(t, tc.e.IsPresent())
 			}
 		})
 	}
+}
+
+func TestSpecialMapsNoFrame(t *testing.T) {
+	_, ok := NewPTE(7, Special).MappedFrame()
+	assert.False(t, ok)
+	_, ok = PTE(0).MappedFrame()
+	assert.False(t, ok)
 }
 
 func TestPoisonIsNothingElse(t *testing.T) {
