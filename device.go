@@ -357,10 +357,7 @@ func (mm *MM) makeExclusive(va uint64, f *physmem.Frame, owner any, mapped func(
 func (mm *MM) swapForExclusive(va uint64, f *physmem.Frame, owner any) (done bool, err error) {
 	r := mm.notifiers.StartRange(va, va+PageSize, notifier.EventExclusive, owner)
 	defer mm.invalidateEnd(r)
-	pt, ok, err := mm.table.LockPTE(va)
-	if errors.Is(err, pagetable.ErrBusy) {
-		return false, mm.splitHuge(va) // a huge leaf: the device takes 4 KiB
-	}
+	pt, ok, err := mm.lockPTESplitting(va) // of a huge page the device takes 4 KiB
 	if err != nil || !ok {
 		return false, err
 	}
@@ -370,8 +367,7 @@ func (mm *MM) swapForExclusive(va uint64, f *physmem.Frame, owner any) (done boo
 	if !e.IsPresent() || !e.IsWritable() || e.PFN() != uint64(f.PFN()) {
 		return false, nil
 	}
-	pt.GetAndClear(i)
-	mm.m.sys.FlushRange(mm.ctx, va, va+PageSize, pagetable.PageShift, false)
+	mm.clearFlush(pt, i, va)
 	pt.Set(i, pagetable.NewDeviceExclusivePTE(uint64(f.PFN())))
 	return true, nil
 }

@@ -237,8 +237,7 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 	}
 	// ptep_clear_flush: nobody may keep writing through, or reading, the
 	// old translation once the new page is in.
-	pt.GetAndClear(i)
-	mm.m.sys.FlushRange(mm.ctx, page, page+PageSize, pagetable.PageShift, false)
+	mm.clearFlush(pt, i, page)
 	f.IncMapCount()
 	ne := anonPTE(v, f)
 	if !writable {

@@ -1,7 +1,6 @@
 package gomm
 
 import (
-	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -518,12 +517,9 @@ func (mm *MM) ksmMerge(va uint64, f, kpage *physmem.Frame) (*rmap.StableNode, bo
 func (mm *MM) writeProtectPage(v *vma, va uint64, f *physmem.Frame) (pagetable.PTE, bool) {
 	r := mm.invalidateStart(va, va+PageSize, notifier.EventClear)
 	defer mm.invalidateEnd(r)
-	pt, ok, err := mm.table.LockPTE(va)
-	if errors.Is(err, pagetable.ErrBusy) && mm.splitHuge(va) == nil {
-		// A page of a huge page: only its own entry is protected, and
-		// later replaced.
-		pt, ok, err = mm.table.LockPTE(va)
-	}
+	// Of a huge page only this page's entry is protected, and later
+	// replaced.
+	pt, ok, err := mm.lockPTESplitting(va)
 	if err != nil || !ok {
 		return 0, false
 	}
@@ -540,8 +536,7 @@ func (mm *MM) writeProtectPage(v *vma, va uint64, f *physmem.Frame) (pagetable.P
 		return 0, false // pinned (GUP) beyond the mappings and our reference
 	}
 	since := mm.m.chk.BeginDowngrade()
-	old := pt.GetAndClear(i)
-	mm.m.sys.FlushRange(mm.ctx, va, va+PageSize, pagetable.PageShift, false)
+	old := mm.clearFlush(pt, i, va)
 	if old.IsDirty() {
 		f.SetFlags(physmem.FlagDirty)
 	}
@@ -571,8 +566,7 @@ func (mm *MM) replacePage(v *vma, va uint64, f, kpage *physmem.Frame, orig paget
 		return false
 	}
 	kpage.IncMapCount()
-	pt.GetAndClear(i)
-	mm.m.sys.FlushRange(mm.ctx, va, va+PageSize, pagetable.PageShift, false)
+	mm.clearFlush(pt, i, va)
 	pt.Set(i, pagetable.NewPTE(uint64(kpage.PFN()), v.PageProt()|pagetable.Accessed))
 	pt.Unlock()
 	f.DecMapCount()

@@ -1,6 +1,7 @@
 package gomm
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -217,6 +218,32 @@ func newFullGather(mm *MM) *mmugather.Gather {
 	g := mmugather.StartFullMM(mm.m.sys, mm.m.ram, mm.ctx)
 	g.OnNonPresent(mm.m.zapEntry)
 	return g
+}
+
+// clearFlush clears entry i of the locked table pt, which maps va, and
+// flushes it from every CPU running the MM (ptep_clear_flush): once it
+// returns nobody translates va through the old entry. It returns that
+// entry.
+func (mm *MM) clearFlush(pt pagetable.PTETable, i int, va uint64) pagetable.PTE {
+	old := pt.GetAndClear(i)
+	if old.IsPresent() {
+		mm.m.sys.FlushRange(mm.ctx, va, va+PageSize, pagetable.PageShift, false)
+	}
+	return old
+}
+
+// lockPTESplitting locks the PTE table mapping va, splitting first a
+// huge leaf that maps it (split_huge_pmd before a 4 KiB change); ok is
+// false when nothing maps va. Called with mmap_lock held.
+func (mm *MM) lockPTESplitting(va uint64) (pt pagetable.PTETable, ok bool, err error) {
+	pt, ok, err = mm.table.LockPTE(va)
+	if errors.Is(err, pagetable.ErrBusy) {
+		if err = mm.splitHuge(va); err != nil {
+			return pt, false, err
+		}
+		pt, ok, err = mm.table.LockPTE(va)
+	}
+	return pt, ok, err
 }
 
 // invalidateStart opens a blockable invalidation of [start, end) for the
