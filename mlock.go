@@ -97,7 +97,8 @@ type Mapper struct {
 
 // Mappers returns every place the frame pfn is mapped, found through its
 // reverse map (an rmap walk that checks each candidate entry), in no
-// particular order.
+// particular order: present entries, and the device entries that count
+// as mappings (a device-private page's, a device-exclusive one).
 func (m *Machine) Mappers(pfn uint64) ([]Mapper, error) {
 	f, err := m.ram.Frame(physmem.PFN(pfn))
 	if err != nil {
@@ -111,7 +112,12 @@ func (m *Machine) Mappers(pfn uint64) ([]Mapper, error) {
 	f.Lock()
 	defer f.Unlock()
 	rmap.Walk(f, &rmap.Control{Visit: func(v *rmap.VMA, addr uint64) bool {
-		if e, _ := v.Space.Table().Lookup(addr); e.IsPresent() && e.PFNAt(addr) == pfn {
+		e, _ := v.Space.Table().Lookup(addr)
+		mapped, ok := e.MappedFrame()
+		if ok && e.IsHuge() {
+			mapped = e.PFNAt(addr)
+		}
+		if ok && mapped == pfn {
 			out = append(out, Mapper{MM: (*MM)(v.Space.(*space)), Addr: addr})
 		}
 		return true

@@ -21,7 +21,6 @@ type swapDevice struct {
 	data   [][]byte                  // what was written to each slot; protected by mu
 	cache  map[uint64]*physmem.Frame // the swap cache: each holds a reference; protected by mu
 	free   []uint64                  // protected by mu
-	used   int                       // slots in use; protected by mu
 	outs   uint64                    // pages written; protected by mu
 	ins    uint64                    // pages read; protected by mu
 	orphan []uint64                  // slots whose last entry went while cached; protected by mu
@@ -51,7 +50,7 @@ func (d *swapDevice) stats() SwapStats {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return SwapStats{Slots: len(d.count) - 1, Used: d.used, Cached: len(d.cache), Outs: d.outs, Ins: d.ins}
+	return SwapStats{Slots: len(d.count) - 1, Used: len(d.count) - 1 - len(d.free), Cached: len(d.cache), Outs: d.outs, Ins: d.ins}
 }
 
 // addToCache gives the locked anonymous frame f a new slot and puts it in
@@ -68,7 +67,6 @@ func (d *swapDevice) addToCache(f *physmem.Frame) bool {
 	}
 	slot := d.free[n-1]
 	d.free = d.free[:n-1]
-	d.used++
 	_ = d.ram.Get(f) // the caller holds one: cannot fail
 	d.cache[slot] = f
 	f.SetPrivate(slot)
@@ -113,7 +111,6 @@ func (d *swapDevice) releaseLocked(slot uint64) {
 	}
 	d.data[slot] = nil
 	d.free = append(d.free, slot)
-	d.used--
 }
 
 // entries returns how many entries name slot.
