@@ -174,18 +174,48 @@ func (mm *MM) movePageTables(from, to, n uint64) error {
 			lastTable = base
 		}
 	}
-	for _, off := range offs {
-		src, _, lerr := mm.table.LockPTE(from + off)
+	// A source table at a time: its entries come out under its lock,
+	// then go in under each destination table's (at most two), so two
+	// PTE locks are never held at once.
+	var moving [pagetable.Entries]movedEntry
+	for k := 0; k < len(offs); {
+		table := (from + offs[k]) &^ (pagetable.HugeSize - 1)
+		src, _, lerr := mm.table.LockPTE(from + offs[k])
 		if lerr != nil {
 			return lerr // cannot happen: nothing frees tables under mmap_lock
 		}
-		e := src.GetAndClear(src.Index(from + off))
-		src.Unlock()
-		dst, aerr := mm.table.AllocLockPTE(to + off)
-		if aerr != nil {
-			return aerr // cannot happen: the table was allocated above
+		n := 0
+		for ; k < len(offs) && (from+offs[k])&^(pagetable.HugeSize-1) == table; k++ {
+			moving[n] = movedEntry{off: offs[k], e: src.GetAndClear(src.Index(from + offs[k]))}
+			n++
 		}
-		dst.Set(dst.Index(to+off), e)
+		src.Unlock()
+		if err := mm.installMoved(to, moving[:n]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// movedEntry is an entry on its way from one address to another,
+// off bytes into the range.
+type movedEntry struct {
+	off uint64
+	e   pagetable.PTE
+}
+
+// installMoved sets the moved entries at to+off, taking each destination
+// table's lock once; the tables were allocated beforehand.
+func (mm *MM) installMoved(to uint64, moved []movedEntry) error {
+	for j := 0; j < len(moved); {
+		dst, err := mm.table.AllocLockPTE(to + moved[j].off)
+		if err != nil {
+			return err // cannot happen: the table was allocated above
+		}
+		table := (to + moved[j].off) &^ (pagetable.HugeSize - 1)
+		for ; j < len(moved) && (to+moved[j].off)&^(pagetable.HugeSize-1) == table; j++ {
+			dst.Set(dst.Index(to+moved[j].off), moved[j].e)
+		}
 		dst.Unlock()
 	}
 	return nil
