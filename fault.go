@@ -304,7 +304,7 @@ func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error)
 			return false, err
 		}
 	}
-	p, err := v.file.lockedPage(v.Index(page))
+	p, err := v.file.lockedPage(v.Index(page), false)
 	if err != nil {
 		if cow != nil {
 			_ = mm.m.ram.Put(cow)

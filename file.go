@@ -48,10 +48,11 @@ func (f *File) CachedPages() int { return f.as.CachedPages() }
 // lockedPage returns the file's page at index locked and with a
 // reference, reading it into the cache on a miss (filemap_fault's and
 // generic_perform_write's page lookup). A page past the end of the file
-// is ErrFault (SIGBUS).
-func (f *File) lockedPage(index uint64) (*physmem.Frame, error) {
+// is ErrFault (SIGBUS), unless pastEOF: a write may create the page it is
+// about to extend the file over.
+func (f *File) lockedPage(index uint64, pastEOF bool) (*physmem.Frame, error) {
 	for {
-		if index*PageSize >= f.as.Size() {
+		if !pastEOF && index*PageSize >= f.as.Size() {
 			return nil, fmt.Errorf("gomm: page %d is past the end of the file: %w", index, ErrFault)
 		}
 		if p := f.as.Lookup(index); p != nil {
@@ -75,7 +76,11 @@ func (f *File) lockedPage(index uint64) (*physmem.Frame, error) {
 		}
 		p.SetFlags(physmem.FlagUptodate)
 		_ = f.m.ram.Get(p) // one for the cache, one for the caller
-		if err := f.as.Add(index, p); err != nil {
+		add := f.as.Add
+		if pastEOF {
+			add = f.as.AddPastEOF
+		}
+		if err := add(index, p); err != nil {
 			p.Unlock()
 			_ = f.m.ram.Put(p)
 			_ = f.m.ram.Put(p)
@@ -99,7 +104,7 @@ func (f *File) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	q := p[:min(uint64(len(p)), size-uint64(off))]
-	n, err := f.eachPage(q, uint64(off), func(page *physmem.Frame, chunk []byte, at int) error {
+	n, err := f.eachPage(q, uint64(off), false, func(page *physmem.Frame, chunk []byte, at int) error {
 		_, err := page.ReadAt(chunk, at)
 		return err
 	})
@@ -110,17 +115,16 @@ func (f *File) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // WriteAt writes p at off, growing the file if it ends past its size.
-// The pages it writes are dirty until written back.
+// The pages it writes are dirty until written back. The size grows page
+// by page as the data lands (generic_write_end), so a write that runs
+// out of memory leaves the file as long as what it wrote.
 func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || uint64(off)+uint64(len(p)) > MaxFileSize {
 		return 0, fmt.Errorf("gomm: write of %d bytes at %d: %w", len(p), off, ErrInvalid)
 	}
 	f.inode.Lock()
 	defer f.inode.Unlock()
-	if end := uint64(off) + uint64(len(p)); end > f.as.Size() {
-		f.as.SetSize(end)
-	}
-	return f.eachPage(p, uint64(off), func(page *physmem.Frame, chunk []byte, at int) error {
+	return f.eachPage(p, uint64(off), true, func(page *physmem.Frame, chunk []byte, at int) error {
 		_, err := page.WriteAt(chunk, at)
 		page.SetFlags(physmem.FlagDirty)
 		return err
@@ -130,17 +134,21 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) {
 // eachPage runs fn on each page of the file that [off, off+len(p))
 // covers, locked and in the cache, with the part of p that falls in it
 // and where in the page that part starts. It returns how many bytes of
-// p it got through.
-func (f *File) eachPage(p []byte, off uint64, fn func(page *physmem.Frame, chunk []byte, at int) error) (int, error) {
+// p it got through. grow (a write, under the inode lock for write)
+// extends the file over each part once fn has put it in its page.
+func (f *File) eachPage(p []byte, off uint64, grow bool, fn func(page *physmem.Frame, chunk []byte, at int) error) (int, error) {
 	done := 0
 	for done < len(p) {
 		pos := off + uint64(done)
-		page, err := f.lockedPage(pos / PageSize)
+		page, err := f.lockedPage(pos/PageSize, grow)
 		if err != nil {
 			return done, err
 		}
 		n := min(len(p)-done, PageSize-int(pos%PageSize))
 		err = fn(page, p[done:done+n], int(pos%PageSize))
+		if end := pos + uint64(n); grow && err == nil && end > f.as.Size() {
+			f.as.SetSize(end)
+		}
 		page.Unlock()
 		_ = f.m.ram.Put(page)
 		if err != nil {

@@ -25,7 +25,21 @@ import (
 // only costs it faults.
 func (mm *MM) Fork() (*MM, error) {
 	mm.mmapLock.Lock()
-	defer mm.mmapLock.Unlock()
+	child, err := mm.forkLocked()
+	mm.mmapLock.Unlock()
+	if err != nil && child != nil {
+		// The partial child is torn down with the parent's lock dropped:
+		// its exit takes its own mmap_lock, of the same class.
+		_ = child.Exit()
+		child = nil
+	}
+	return child, err
+}
+
+// forkLocked copies mm into a new child. Called with mmap_lock held for
+// write; on error it returns the partial child for the caller to tear
+// down.
+func (mm *MM) forkLocked() (*MM, error) {
 	if err := mm.checkOpen(); err != nil {
 		return nil, err
 	}
@@ -56,8 +70,7 @@ func (mm *MM) Fork() (*MM, error) {
 	}
 	mm.m.chk.EndDowngrade("fork", mm.ID(), 0, userCeiling, since, true)
 	if err != nil {
-		_ = child.Exit()
-		return nil, fmt.Errorf("gomm: fork of mm %d: %w", mm.ID(), err)
+		return child, fmt.Errorf("gomm: fork of mm %d: %w", mm.ID(), err)
 	}
 	return child, nil
 }
@@ -202,8 +215,9 @@ func (mm *MM) installCopies(batch []copiedEntry) error {
 		c := batch[k]
 		var err error
 		if c.e.IsHuge() {
-			err = mm.installHuge(c.va, c.e)
-			k++
+			if err = mm.installHuge(c.va, c.e); err == nil {
+				k++
+			}
 		} else {
 			k, err = mm.installTable(batch, k)
 		}

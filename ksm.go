@@ -89,9 +89,18 @@ func (k *ksm) exit(mm *MM) {
 	}
 }
 
-// setMergeable is madvise(MADV_MERGEABLE / MADV_UNMERGEABLE).
+// setMergeable is madvise(MADV_MERGEABLE / MADV_UNMERGEABLE). Unmerging
+// copies every KSM page first and clears VM_MERGEABLE only once that
+// succeeded, so a copy that runs out of memory leaves the range
+// mergeable, as ksm_madvise does.
 func (mm *MM) setMergeable(start, end uint64, on bool) error {
 	mm.mmapLock.Lock()
+	defer mm.mmapLock.Unlock()
+	if !on {
+		if err := mm.unmergeLocked(start, end); err != nil {
+			return err
+		}
+	}
 	err := mm.updateVMAsLocked("madvise", start, end, func(v *vma) {
 		switch {
 		case !v.anonymous() || v.shared():
@@ -101,18 +110,10 @@ func (mm *MM) setMergeable(start, end uint64, on bool) error {
 			v.ClearFlags(rmap.VMMergeable)
 		}
 	})
-	if err != nil {
-		mm.mmapLock.Unlock()
-		return err
-	}
-	if on {
+	if err == nil && on {
 		mm.m.ksm.enter(mm)
-		mm.mmapLock.Unlock()
-		return nil
 	}
-	mm.mmapLock.DowngradeWrite()
-	defer mm.mmapLock.RUnlock()
-	return mm.unmergeLocked(start, end)
+	return err
 }
 
 // unmergeLocked gives every KSM page mapped in [start, end) back a
@@ -121,6 +122,9 @@ func (mm *MM) setMergeable(start, end uint64, on bool) error {
 func (mm *MM) unmergeLocked(start, end uint64) error {
 	for va := start; va < end; va += PageSize {
 		v := mm.vmas.lookup(va)
+		if v == nil {
+			continue // a hole: updateVMAsLocked reports it
+		}
 		for range 8 {
 			e, _ := mm.table.Lookup(va)
 			if !e.IsPresent() || e&pagetable.Special != 0 {

@@ -2,6 +2,7 @@ package gomm
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/gomm-dev/gomm/internal/check"
@@ -50,6 +51,9 @@ type Config struct {
 	// Check turns the invariant checker on: every frame free and every
 	// downgrade is verified against every TLB. Off, it costs nothing.
 	Check bool
+	// Inject makes allocations fail at a rate (fail_page_alloc); see
+	// Injection and Machine.SetInjection. Off by default.
+	Inject Injection
 }
 
 // Machine is a simulated computer: RAM, CPUs with TLBs, and optionally the
@@ -68,6 +72,8 @@ type Machine struct {
 	reclaimed reclaimCounters
 	ksm       *ksm
 	thp       thpCounters
+	injector  atomic.Pointer[injector] // nil when injection is off
+	injected  injectCounters
 }
 
 // NewMachine builds a machine.
@@ -90,6 +96,10 @@ func NewMachine(cfg Config) (*Machine, error) {
 	}
 	if cfg.SwapSlots < 0 || cfg.SwapSlots > pagetable.MaxSwapOffset {
 		return nil, fmt.Errorf("gomm: %d swap slots: %w", cfg.SwapSlots, ErrInvalid)
+	}
+	inj, err := newInjector(cfg.Inject)
+	if err != nil {
+		return nil, err
 	}
 	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(ram), ksm: newKSM()}
 	if cfg.SwapSlots > 0 {
@@ -118,6 +128,7 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if m.zero, err = ram.Alloc(); err != nil {
 		return nil, err
 	}
+	m.injector.Store(inj) // after the zero page: that one may not fail
 	return m, nil
 }
 
@@ -159,12 +170,15 @@ type Stats struct {
 	// AnonVMAs is how many anon_vmas are live.
 	AnonVMAs int64
 	Checks   uint64 // invariant checks run
+	// Injected counts the allocation failures injected (Config.Inject).
+	Injected InjectStats
 }
 
 // Stats returns a snapshot of the machine's counters.
 func (m *Machine) Stats() Stats {
 	st := Stats{TLB: m.sys.Stats(), RAM: m.ram.Stats(), Reclaim: m.reclaimed.snapshot(), Swap: m.swap.stats(),
-		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks(), THP: m.thp.snapshot()}
+		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks(), THP: m.thp.snapshot(),
+		Injected: m.injected.snapshot()}
 	st.LRU.Inactive, st.LRU.Active = m.lru.lens()
 	return st
 }

@@ -1,6 +1,9 @@
 package gomm
 
 import (
+	"errors"
+	"fmt"
+
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/rmap"
@@ -11,7 +14,9 @@ import (
 // mappings with a write fault, so no later copy is needed); reclaim
 // leaves their frames alone. The whole range must be mapped (else
 // ErrNoMem and nothing changes). A page that cannot be faulted in ends
-// it with that error, the VMAs staying locked, as in Linux.
+// the population, the VMAs staying locked and the pages faulted so far
+// locked, as in Linux, which also translates the error: out of memory is
+// ErrAgain ("could not be locked"), a bad page ErrNoMem.
 func (mm *MM) Mlock(addr, length uint64) error {
 	return mm.setLocked("mlock", addr, length, true)
 }
@@ -43,12 +48,22 @@ func (mm *MM) setLocked(op string, addr, length uint64, lock bool) error {
 	mm.mmapLock.DowngradeWrite()
 	defer mm.mmapLock.RUnlock()
 	if lock {
-		if err := mm.populateLocked(start, end); err != nil {
-			return err
-		}
+		err = mm.populateLocked(start, end)
 	}
 	mm.markLocked(start, end, lock)
-	return nil
+	return mlockError(err)
+}
+
+// mlockError translates a population error as __mlock_posix_error_return
+// does.
+func mlockError(err error) error {
+	switch {
+	case errors.Is(err, ErrNoMem):
+		return fmt.Errorf("gomm: mlock: %w (%v)", ErrAgain, err)
+	case errors.Is(err, ErrFault):
+		return fmt.Errorf("gomm: mlock: %w (%v)", ErrNoMem, err)
+	}
+	return err
 }
 
 // markLocked sets or clears the mlocked flag of the frames mapped in

@@ -173,6 +173,9 @@ func (mm *MM) exitMmap() error {
 // chargeTable takes a frame of RAM for a new page table; out of frames,
 // the table (and whatever needed it) fails with ErrNoMem.
 func (mm *MM) chargeTable(pagetable.Level) error {
+	if mm.m.shouldFail(InjectPageTable) {
+		return errInjected("page table")
+	}
 	f, err := mm.m.ram.Alloc()
 	if err != nil {
 		return err

@@ -110,8 +110,9 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 	unlock()
 	if err != nil {
 		// Nothing moved; a fixed destination stays unmapped, as in Linux.
+		// The destination tables made before the failure are freed.
 		mm.vmas.delete(nv)
-		mm.unlinkVMA(nv)
+		_ = mm.zapAndFree([]*vma{nv}, dest, dest+size, false)
 		mm.invalidateEnd(r)
 		mm.m.chk.EndDowngrade("mremap(move failed)", mm.ID(), dest, dest+size, since, false)
 		return 0, err

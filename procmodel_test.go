@@ -2,6 +2,7 @@ package gomm_test
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"testing"
 
@@ -49,6 +50,25 @@ type procsModel struct {
 	fileSize uint64 // in pages
 	procs    []*pmProc
 	nextVal  uint64
+	injectionTally
+}
+
+// injectionTally is a model's view of fault injection: with allocations
+// failing at random (Config.Inject), an operation may fail with ErrNoMem,
+// and must then have changed nothing the model tracks.
+type injectionTally struct {
+	injecting bool
+	noMem     int // operations that failed with ErrNoMem
+}
+
+// failed reports whether err is an out-of-memory failure the injection
+// explains; the caller then leaves the model as it was.
+func (s *injectionTally) failed(err error) bool {
+	if s.injecting && errors.Is(err, gomm.ErrNoMem) {
+		s.noMem++
+		return true
+	}
+	return false
 }
 
 func (s *procsModel) proc(t *rapid.T) *pmProc {
@@ -124,6 +144,9 @@ func (s *procsModel) Write(t *rapid.T) {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
 	_, err := p.mm.WriteAt(b[:], addr)
+	if s.failed(err) {
+		return
+	}
 	if _, ok := s.read(p, addr); !ok {
 		expect(t, "write", err, gomm.ErrFault)
 		return
@@ -145,6 +168,9 @@ func (s *procsModel) FileWrite(t *rapid.T) {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
 	_, err := s.file.WriteAt(b[:], int64(idx*page))
+	if s.failed(err) {
+		return
+	}
 	expect(t, "file write", err, nil)
 	if idx >= s.fileSize { // the write grows the file; the gap reads as zeros
 		for i := s.fileSize; i < idx; i++ {
@@ -182,6 +208,9 @@ func (s *procsModel) Fork(t *rapid.T) {
 	}
 	p := s.proc(t)
 	child, err := p.mm.Fork()
+	if s.failed(err) {
+		return
+	}
 	expect(t, "fork", err, nil)
 	c := &pmProc{mm: child, pages: map[uint64]pmPage{}}
 	for va, pg := range p.pages {
@@ -220,6 +249,9 @@ func (s *procsModel) Check(t *rapid.T) {
 			want, ok := s.read(p, va)
 			var b [8]byte
 			_, err := p.mm.ReadAt(b[:], va)
+			if s.failed(err) {
+				continue
+			}
 			if !ok {
 				if err == nil {
 					t.Fatalf("proc %d read of %#x succeeded, model says fault", pi, va)
@@ -247,8 +279,31 @@ func (s *procsModel) Check(t *rapid.T) {
 }
 
 func TestProcessesStateMachine(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) { runProcessesModel(t, gomm.Injection{}) })
+}
+
+// TestProcessesStateMachineUnderInjection is the same model with frame,
+// swap-slot and page-table allocations failing at random: every
+// operation either does what the model says or fails with ErrNoMem having
+// changed nothing, the reverse maps stay consistent after every step,
+// and nothing leaks.
+func TestProcessesStateMachineUnderInjection(t *testing.T) {
+	var noMem int
 	rapid.Check(t, func(t *rapid.T) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 96, SwapSlots: 256, Check: true})
+		noMem += runProcessesModel(t, gomm.Injection{
+			Rate: rapid.SampledFrom([]float64{0.02, 0.1, 0.3}).Draw(t, "rate"),
+			Seed: rapid.Uint64().Draw(t, "seed"),
+		})
+	})
+	if noMem == 0 {
+		t.Fatal("no operation failed: the injection did not reach the model's operations")
+	}
+	t.Logf("%d operations failed with ErrNoMem", noMem)
+}
+
+func runProcessesModel(t *rapid.T, inj gomm.Injection) (noMem int) {
+	{
+		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 96, SwapSlots: 256, Check: true, Inject: inj})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -256,7 +311,8 @@ func TestProcessesStateMachine(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &procsModel{m: m, file: f, fileSize: pmFile, procs: []*pmProc{{mm: m.NewMM(), pages: map[uint64]pmPage{}}}}
+		s := &procsModel{m: m, file: f, fileSize: pmFile, procs: []*pmProc{{mm: m.NewMM(), pages: map[uint64]pmPage{}}},
+			injectionTally: injectionTally{injecting: inj.Rate > 0}}
 		t.Repeat(rapid.StateMachineActions(s))
 		for _, p := range s.procs {
 			if err := p.mm.Exit(); err != nil {
@@ -273,5 +329,6 @@ func TestProcessesStateMachine(t *testing.T) {
 		if free := st.RAM.Free; free != 95 {
 			t.Fatal(fmt.Sprintf("%d frames free after every exit, want 95", free))
 		}
-	})
+		return s.noMem
+	}
 }

@@ -138,7 +138,7 @@ func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) (inactive bool) 
 	anon := f.Has(physmem.FlagAnon)
 	lazyFree := anon && !f.Has(physmem.FlagSwapBacked)
 	if anon && !lazyFree && !inSwap {
-		if !m.swap.addToCache(f) {
+		if m.shouldFail(InjectSwapSlot) || !m.swap.addToCache(f) {
 			unlockKeep(true) // no swap space: anonymous memory stays
 			return
 		}
@@ -207,6 +207,9 @@ func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) (inactive bool) 
 // allocator's slow path with direct reclaim): it fails with ErrNoMem only
 // when reclaim frees nothing. Callers hold no page-table or rmap lock.
 func (m *Machine) allocFrame() (*physmem.Frame, error) {
+	if m.shouldFail(InjectFrame) {
+		return nil, errInjected("frame")
+	}
 	return withReclaim(m, m.ram.Alloc)
 }
 
@@ -216,7 +219,7 @@ func (m *Machine) allocFrame() (*physmem.Frame, error) {
 func withReclaim[T any](m *Machine, alloc func() (T, error)) (T, error) {
 	for range 8 {
 		v, err := alloc()
-		if err == nil || !errors.Is(err, ErrNoMem) || m.Reclaim(reclaimBatch).Freed == 0 {
+		if err == nil || !errors.Is(err, ErrNoMem) || errors.Is(err, errInjectedFailure) || m.Reclaim(reclaimBatch).Freed == 0 {
 			return v, err
 		}
 	}

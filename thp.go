@@ -171,7 +171,13 @@ func (m *Machine) hugeReusable(e pagetable.PTE) bool {
 // deposit) and the fault falls back.
 func (mm *MM) newHugeAnon(v *vma, base uint64) (installed, raced bool) {
 	av := mm.anonVMA(v)
-	head, err := mm.m.ram.AllocHuge()
+	var head *physmem.Frame
+	var err error
+	if mm.m.shouldFail(InjectFrame) {
+		err = errInjected("huge page")
+	} else {
+		head, err = mm.m.ram.AllocHuge()
+	}
 	if err != nil {
 		mm.m.thp.faultFallback.Add(1)
 		return false, false

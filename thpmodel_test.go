@@ -38,6 +38,7 @@ type thpModel struct {
 	m       *gomm.Machine
 	procs   []*thpProc
 	nextVal uint64
+	injectionTally
 }
 
 func (s *thpModel) proc(t *rapid.T) *thpProc {
@@ -135,6 +136,9 @@ func (s *thpModel) Write(t *rapid.T) {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
 	_, err := p.mm.WriteAt(b[:], addr)
+	if s.failed(err) {
+		return
+	}
 	pg, ok := p.pages[addr]
 	if !ok || pg.ro {
 		expect(t, "write", err, gomm.ErrFault)
@@ -151,6 +155,9 @@ func (s *thpModel) Fork(t *rapid.T) {
 	}
 	p := s.proc(t)
 	child, err := p.mm.Fork()
+	if s.failed(err) {
+		return
+	}
 	expect(t, "fork", err, nil)
 	s.procs = append(s.procs, &thpProc{mm: child, pages: maps.Clone(p.pages)})
 }
@@ -210,6 +217,9 @@ func (s *thpModel) Check(t *rapid.T) {
 func (s *thpModel) expectRead(t *rapid.T, pi int, p *thpProc, va uint64) {
 	var b [8]byte
 	_, err := p.mm.ReadAt(b[:], va)
+	if s.failed(err) {
+		return
+	}
 	pg, ok := p.pages[va]
 	if !ok {
 		if err == nil {
@@ -229,13 +239,36 @@ func TestTHPStateMachine(t *testing.T) {
 	// Its lock paths are the unit tests', run with lockdep; here lockdep's
 	// stack capture per lock would cost 80% of the time.
 	testmain.WithoutLockdep(t)
+	rapid.Check(t, func(t *rapid.T) { runTHPModel(t, gomm.Injection{}) })
+}
+
+// TestTHPStateMachineUnderInjection runs the huge-page model with
+// allocations failing: huge faults fall back, a fork copying a huge leaf
+// runs out of page tables, splits and copies fail half way.
+func TestTHPStateMachineUnderInjection(t *testing.T) {
+	testmain.WithoutLockdep(t)
+	var noMem int
 	rapid.Check(t, func(t *rapid.T) {
+		noMem += runTHPModel(t, gomm.Injection{
+			Rate: rapid.SampledFrom([]float64{0.02, 0.1, 0.3}).Draw(t, "rate"),
+			Seed: rapid.Uint64().Draw(t, "seed"),
+		})
+	})
+	if noMem == 0 {
+		t.Fatal("no operation failed: the injection did not reach the model's operations")
+	}
+	t.Logf("%d operations failed with ErrNoMem", noMem)
+}
+
+func runTHPModel(t *rapid.T, inj gomm.Injection) (noMem int) {
+	{
 		const frames = 4096
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: frames, SwapSlots: 8192, THP: gomm.THPAlways, Check: true})
+		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: frames, SwapSlots: 8192, THP: gomm.THPAlways, Check: true, Inject: inj})
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &thpModel{m: m, procs: []*thpProc{{mm: m.NewMM(), pages: map[uint64]thpPage{}}}}
+		s := &thpModel{m: m, procs: []*thpProc{{mm: m.NewMM(), pages: map[uint64]thpPage{}}},
+			injectionTally: injectionTally{injecting: inj.Rate > 0}}
 		t.Repeat(rapid.StateMachineActions(s))
 		if m.Stats().THP.FaultAlloc == 0 {
 			t.Log("no huge page in this run")
@@ -248,5 +281,6 @@ func TestTHPStateMachine(t *testing.T) {
 		if st := m.Stats(); st.RAM.Free != frames-1 || st.Swap.Used != 0 || st.AnonVMAs != 0 {
 			t.Fatalf("after every exit: %d frames free, %d swap slots used, %d anon_vmas live", st.RAM.Free, st.Swap.Used, st.AnonVMAs)
 		}
-	})
+		return s.noMem
+	}
 }

@@ -153,10 +153,21 @@ func (f *File) Cached(p *physmem.Frame) bool {
 // p must not be visible to anybody else yet. An index taken is ErrExist;
 // one past the end of the file is ErrInvalid.
 func (f *File) Add(index uint64, p *physmem.Frame) error {
+	return f.add(index, p, false)
+}
+
+// AddPastEOF is Add for a writer that holds off truncation and will
+// extend the file over the page once its data has landed
+// (write_begin): the page may lie past the end of the file.
+func (f *File) AddPastEOF(index uint64, p *physmem.Frame) error {
+	return f.add(index, p, true)
+}
+
+func (f *File) add(index uint64, p *physmem.Frame, pastEOF bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	switch {
-	case index*pageSize >= f.size:
+	case !pastEOF && index*pageSize >= f.size:
 		return fmt.Errorf("rmap: page %d of a %d-byte file: %w", index, f.size, ErrInvalid)
 	case f.pages[index] != nil:
 		return fmt.Errorf("rmap: page %d of file %d: %w", index, f.id, ErrExist)
