@@ -6,6 +6,7 @@ import (
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/gomm-dev/gomm/internal/check"
+	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/rmap"
@@ -54,6 +55,10 @@ type Config struct {
 	// Inject makes allocations fail at a rate (fail_page_alloc); see
 	// Injection and Machine.SetInjection. Off by default.
 	Inject Injection
+	// NotifierTracer, if set, sees every mmu-notifier callback of every
+	// MM with its duration (notifier.Tracer): call counts and
+	// invalidation latencies per driver come from here.
+	NotifierTracer notifier.Tracer
 }
 
 // Machine is a simulated computer: RAM, CPUs with TLBs, and optionally the

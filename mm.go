@@ -62,6 +62,7 @@ func (m *Machine) NewMM() *MM {
 	mm.mmapLock.Init(locks.ClassMmapLock)
 	mm.ctx = m.sys.NewContext(mm.table, mm, nil)
 	mm.notifiers.Init(mm)
+	mm.notifiers.SetTracer(m.cfg.NotifierTracer)
 	mm.ctx.SetSecondaryTLBs(&mm.notifiers)
 	mm.users.Store(1)
 	return mm

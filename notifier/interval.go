@@ -98,7 +98,8 @@ type intervals struct {
 	// invalidation counts itself in active, which is what lets Insert see
 	// one that began before the interval existed.
 	hasTree  atomic.Bool
-	released bool // protected by mu
+	released bool   // protected by mu
+	trace    Tracer // set before sharing, then read-only
 }
 
 type deferredOp struct {
@@ -220,6 +221,7 @@ func (iv *intervals) invalidateStart(r *Range) error {
 	var finishes []func()
 	for _, in := range hit {
 		var ok bool
+		t0 := clock(iv.trace)
 		if tp, two := in.ops.(IntervalTwoPass); two {
 			var finish func()
 			finish, ok = tp.InvalidateStart(in, r, seq)
@@ -229,6 +231,7 @@ func (iv *intervals) invalidateStart(r *Range) error {
 		} else {
 			ok = in.ops.Invalidate(in, r, seq)
 		}
+		emit(iv.trace, t0, rangeCall(in.ops, CallIntervalInvalidate, r, !ok && !r.Blockable()))
 		if !ok && !r.Blockable() {
 			for _, f := range finishes {
 				f() // devices already flushing finish before we give up

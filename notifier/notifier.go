@@ -118,6 +118,7 @@ type List struct {
 	iv    intervals
 
 	contractViolations atomic.Uint64 // blockable starts that failed anyway
+	trace              Tracer        // set before sharing, then read-only
 }
 
 // ContractViolations returns how many times a subscriber failed the start
@@ -329,7 +330,9 @@ func (l *List) Release() {
 	tok := l.srcu.ReadLock()
 	for _, s := range all {
 		if s.rel != nil && !s.dead.Load() && !s.released.Swap(true) {
+			t0 := clock(l.trace)
 			s.rel.Release(l.mm)
+			emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallRelease, End: ^uint64(0), Event: EventRelease, Blockable: true})
 		}
 	}
 	l.srcu.ReadUnlock(tok)
@@ -392,7 +395,10 @@ func (l *List) InvalidateRangeStart(r *Range) error {
 		if s.dead.Load() {
 			continue
 		}
-		if err := s.inv.InvalidateRangeStart(r); err != nil {
+		t0 := clock(l.trace)
+		err := s.inv.InvalidateRangeStart(r)
+		emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeStart, r, err != nil))
+		if err != nil {
 			if r.Blockable() {
 				// A blockable start may not fail. Like the kernel, carry
 				// on: the subscriber still gets its end, and the change
@@ -402,7 +408,7 @@ func (l *List) InvalidateRangeStart(r *Range) error {
 				continue
 			}
 			for _, p := range r.started {
-				p.inv.InvalidateRangeEnd(r)
+				l.end(p, r)
 			}
 			r.started = r.started[:0]
 			l.iv.invalidateEnd(r)
@@ -426,13 +432,23 @@ func (l *List) InvalidateRangeEnd(r *Range) {
 		tok := l.srcu.ReadLock()
 		for _, s := range r.started {
 			if !s.dead.Load() {
-				s.inv.InvalidateRangeEnd(r)
+				l.end(s, r)
 			}
 		}
 		l.srcu.ReadUnlock(tok)
 		r.started = r.started[:0]
 	}
 	l.iv.invalidateEnd(r)
+}
+
+func (l *List) end(s *Subscription, r *Range) {
+	t0 := clock(l.trace)
+	s.inv.InvalidateRangeEnd(r)
+	emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeEnd, r, false))
+}
+
+func rangeCall(ops any, c Callback, r *Range, refused bool) Call {
+	return Call{Subscriber: ops, Callback: c, Start: r.Start, End: r.End, Event: r.Event, Blockable: r.Blockable(), Refused: refused}
 }
 
 // InvalidateSecondaryTLBs tells devices that walk the page table
@@ -448,7 +464,9 @@ func (l *List) InvalidateSecondaryTLBs(start, end uint64) {
 	tok := l.srcu.ReadLock()
 	for _, s := range *subs {
 		if !s.dead.Load() {
+			t0 := clock(l.trace)
 			s.tlbs.InvalidateSecondaryTLBs(l.mm, start, end)
+			emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallInvalidateSecondaryTLBs, Start: start, End: end})
 		}
 	}
 	l.srcu.ReadUnlock(tok)
@@ -458,14 +476,14 @@ func (l *List) InvalidateSecondaryTLBs(start, end uint64) {
 // accessed state for [start, end); it reports whether any had accessed
 // it.
 func (l *List) ClearFlushYoung(start, end uint64) bool {
-	return l.age(func(s *Subscription) bool {
+	return l.age(CallClearFlushYoung, start, end, func(s *Subscription) bool {
 		return s.cfy != nil && s.cfy.ClearFlushYoung(l.mm, start, end)
 	})
 }
 
 // ClearYoung is ClearFlushYoung without the flush.
 func (l *List) ClearYoung(start, end uint64) bool {
-	return l.age(func(s *Subscription) bool {
+	return l.age(CallClearYoung, start, end, func(s *Subscription) bool {
 		return s.cy != nil && s.cy.ClearYoung(l.mm, start, end)
 	})
 }
@@ -473,12 +491,12 @@ func (l *List) ClearYoung(start, end uint64) bool {
 // TestYoung reports whether any subscriber accessed addr, clearing
 // nothing.
 func (l *List) TestYoung(addr uint64) bool {
-	return l.age(func(s *Subscription) bool {
+	return l.age(CallTestYoung, addr, addr+1, func(s *Subscription) bool {
 		return s.ty != nil && s.ty.TestYoung(l.mm, addr)
 	})
 }
 
-func (l *List) age(ask func(*Subscription) bool) bool {
+func (l *List) age(c Callback, start, end uint64, ask func(*Subscription) bool) bool {
 	subs := l.agers.Load()
 	if subs == nil {
 		return false
@@ -487,9 +505,14 @@ func (l *List) age(ask func(*Subscription) bool) bool {
 	defer l.srcu.ReadUnlock(tok)
 	young := false
 	for _, s := range *subs {
-		if !s.dead.Load() && ask(s) {
+		if s.dead.Load() {
+			continue
+		}
+		t0 := clock(l.trace)
+		if ask(s) {
 			young = true // every subscriber is asked: each clears its own state
 		}
+		emit(l.trace, t0, Call{Subscriber: s.ops, Callback: c, Start: start, End: end})
 	}
 	return young
 }
