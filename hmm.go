@@ -48,6 +48,9 @@ type HMMRange struct {
 	PFNs               []PFN // filled, one per page; allocated if too short
 }
 
+// MaxRangeFaultPages is the most pages one RangeFault may span (4 GiB).
+const MaxRangeFaultPages = 1 << 20
+
 // RangeFault snapshots (and, if asked, faults in) the translations of
 // r's range for a mirroring device (hmm_range_fault). It takes mmap_lock
 // for read. If an invalidation reached r.Interval since r.NotifierSeq it
@@ -60,8 +63,13 @@ type HMMRange struct {
 // r.DevicePrivateOwner. Success is only a snapshot: the driver installs
 // it under its own lock after Interval.ReadRetry(r.NotifierSeq) says
 // nothing changed.
+//
+// The range must lie inside r.Interval (an invalidation outside it would
+// not be seen by ReadRetry) and span at most MaxRangeFaultPages pages;
+// drivers fault in bounded chunks, as the kernel's do.
 func (mm *MM) RangeFault(r *HMMRange) error {
-	if r.Start%PageSize != 0 || r.End%PageSize != 0 || r.End <= r.Start || r.End > TaskSize || r.Interval == nil {
+	if r.Start%PageSize != 0 || r.End%PageSize != 0 || r.End <= r.Start || r.End > TaskSize || r.Interval == nil ||
+		r.Start < r.Interval.Start() || r.End > r.Interval.End() || (r.End-r.Start)/PageSize > MaxRangeFaultPages {
 		return fmt.Errorf("gomm: range fault [%#x, %#x): %w", r.Start, r.End, ErrInvalid)
 	}
 	n := int((r.End - r.Start) / PageSize)

@@ -123,7 +123,20 @@ func TestMirrorAnonReadWrite(t *testing.T) {
 	require.NoError(t, mm.RangeFault(r), "a snapshot without faulting")
 	assert.Equal(t, gomm.PFNValid, r.PFNs[1].Flags, "read-only now")
 	assert.Zero(t, r.PFNs[2].Flags, "never touched")
-	assert.ErrorIs(t, mm.RangeFault(&gomm.HMMRange{Interval: d.in, Start: addr + 1, End: addr + page}), gomm.ErrInvalid)
+	for _, bad := range [][2]uint64{
+		{addr + 1, addr + page},    // unaligned
+		{addr, addr},               // empty
+		{addr - page, addr + page}, // starts before the interval: its invalidations would go unseen
+		{addr, addr + 5*page},      // ends after it
+	} {
+		assert.ErrorIs(t, mm.RangeFault(&gomm.HMMRange{Interval: d.in, Start: bad[0], End: bad[1]}), gomm.ErrInvalid, "%#x", bad)
+	}
+	all, err := mm.InsertInterval(0, gomm.TaskSize, nopInterval{})
+	require.NoError(t, err)
+	huge := &gomm.HMMRange{Interval: all, Start: 0, End: (gomm.MaxRangeFaultPages + 1) * page}
+	assert.ErrorIs(t, mm.RangeFault(huge), gomm.ErrInvalid, "more than MaxRangeFaultPages: found by the fuzzer as a 200 GiB allocation")
+	assert.Nil(t, huge.PFNs)
+	require.NoError(t, all.Remove())
 	cpu.Switch(tlbIdle())
 	require.NoError(t, mm.Exit())
 }
@@ -270,4 +283,11 @@ func TestNoFaultAfterRelease(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, mm.Exit())
 	assert.ErrorIs(t, f.err, gomm.ErrClosed, "once release has begun, RangeFault hands out nothing")
+}
+
+type nopInterval struct{}
+
+func (nopInterval) Invalidate(in *notifier.Interval, _ *notifier.Range, seq uint64) bool {
+	in.SetSeq(seq)
+	return true
 }
