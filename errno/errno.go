@@ -1,5 +1,7 @@
 package errno
 
+import "errors"
+
 // Errno is a kernel-style error number. Its values compare equal across
 // packages, so errors.Is works through any amount of wrapping.
 type Errno uint8
@@ -32,4 +34,12 @@ func (e Errno) Error() string {
 		return names[e]
 	}
 	return "errno " + string('0'+rune(e/100%10)) + string('0'+rune(e/10%10)) + string('0'+rune(e%10))
+}
+
+// Of returns the errno value err wraps, and whether it wraps one: what a
+// fuzz test asks of every error ("typed, not a panic or a bare string").
+func Of(err error) (Errno, bool) {
+	var e Errno
+	ok := errors.As(err, &e)
+	return e, ok
 }

@@ -25,3 +25,16 @@ func Example() {
 	fmt.Println(errors.Is(err, errno.ErrNoMem), err)
 	// Output: true mmap: out of memory (ENOMEM)
 }
+
+func TestOf(t *testing.T) {
+	e, ok := errno.Of(fmt.Errorf("outer: %w", fmt.Errorf("inner: %w", errno.ErrBusy)))
+	assert.True(t, ok)
+	assert.Equal(t, errno.ErrBusy, e)
+	_, ok = errno.Of(errors.New("plain"))
+	assert.False(t, ok)
+	_, ok = errno.Of(nil)
+	assert.False(t, ok)
+	e, ok = errno.Of(errors.Join(errors.New("plain"), errno.ErrFault))
+	assert.True(t, ok)
+	assert.Equal(t, errno.ErrFault, e)
+}

@@ -8,10 +8,14 @@ import (
 	"github.com/gomm-dev/gomm/physmem"
 )
 
-// checkRange validates a page-aligned [addr, addr+length).
+// checkRange validates a page-aligned [addr, addr+length) of at most
+// gomm.MaxRangeFaultPages pages: each operation works page by page, and
+// a range of the whole address space would take hours (the fuzzer found
+// it).
 func checkRange(op string, addr, length uint64) (uint64, error) {
 	end := addr + length
-	if addr%PageSize != 0 || length == 0 || length%PageSize != 0 || end < addr || end > gomm.TaskSize {
+	if addr%PageSize != 0 || length == 0 || length%PageSize != 0 || end < addr || end > gomm.TaskSize ||
+		length/PageSize > gomm.MaxRangeFaultPages {
 		return 0, fmt.Errorf("hmm: %s [%#x, +%#x): %w", op, addr, length, gomm.ErrInvalid)
 	}
 	return end, nil
