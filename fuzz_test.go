@@ -9,17 +9,15 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/physmem"
 )
 
 // typed reports whether err is one of the errno values.
 func typed(err error) bool {
-	for _, e := range []error{errno.ErrInvalid, errno.ErrNoMem, errno.ErrFault, errno.ErrExist, errno.ErrClosed, errno.ErrBusy} {
-		if errors.Is(err, e) {
-			return true
-		}
-	}
-	return false
+	_, ok := errno.Of(err)
+	return ok
 }
 
 // FuzzSyscalls drives every MM entry point, and the file, reclaim, KSM
@@ -42,6 +40,8 @@ func FuzzSyscalls(f *testing.F) {
 	f.Add(append(seed(9, 0x10000000, 0x3000, 0x11_0003), seed(12, 0x2000, 9, 0)...))
 	f.Add(append(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(3, 0x10000000, 0x4000, 12)...), seed(13, 0, 64, 1)...))
 	f.Add(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(11, 0x10000000, 0, 0)...))
+	f.Add(slices.Concat(seed(16, 7, 64, 1), seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(15, 0, 0, 0), seed(17, 0x10000000, 1, 0)))
+	f.Add(slices.Concat(seed(14, 0x10000000, 0x4000, 0), seed(18, 0x3000, 0x2000, 0x1800)))
 	f.Fuzz(func(t *testing.T, prog []byte) {
 		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, SwapSlots: 64, Check: true})
 		if err != nil {
@@ -55,7 +55,7 @@ func FuzzSyscalls(f *testing.F) {
 		cpu := m.CPU(0)
 		cpu.Switch(mm.NewTask("fuzz"))
 		for len(prog) >= 25 {
-			op := prog[0] % 14
+			op := prog[0] % 19
 			a := binary.LittleEndian.Uint64(prog[1:])
 			b := binary.LittleEndian.Uint64(prog[9:])
 			c := binary.LittleEndian.Uint64(prog[17:])
@@ -123,6 +123,41 @@ func FuzzSyscalls(f *testing.F) {
 				} else {
 					m.KSMScan(int(b % 512))
 				}
+			case 14:
+				mutates = false
+				var in *notifier.Interval
+				if in, err = mm.InsertInterval(a, b, nopInterval{}); err == nil {
+					err = in.Remove()
+				}
+			case 15:
+				mutates = false
+				var child *gomm.MM
+				if child, err = mm.Fork(); err == nil {
+					if cerr := m.CheckRmap(mm, child); cerr != nil {
+						t.Fatal(cerr)
+					}
+					if xerr := child.Exit(); xerr != nil {
+						t.Fatal(xerr)
+					}
+				}
+			case 16:
+				mutates = false
+				err = m.SetInjection(gomm.Injection{Rate: float64(b%256) / 256, Sites: gomm.InjectSite(a), Seed: c})
+			case 17:
+				mutates = false
+				var pg *physmem.Frame
+				if pg, err = mm.GetUserPage(a, b&1 != 0); err == nil {
+					err = m.RAM().Put(pg)
+				}
+			case 18:
+				mutates = false
+				var nf *gomm.File
+				if nf, err = m.NewFile(a); err == nil {
+					_, err = nf.WriteAt(make([]byte, b%9000), int64(c%(1<<20)))
+					if terr := nf.Truncate(0); terr != nil {
+						t.Fatal(terr)
+					}
+				}
 			}
 			if err == nil {
 				continue
@@ -134,6 +169,7 @@ func FuzzSyscalls(f *testing.F) {
 				t.Fatalf("op %d(%#x, %#x, %#x) failed (%v) but changed the address space", op, a, b, c, err)
 			}
 		}
+		_ = m.SetInjection(gomm.Injection{})
 		if err := m.CheckRmap(mm); err != nil {
 			t.Fatal(err)
 		}

@@ -36,10 +36,17 @@ func (e Errno) Error() string {
 	return "errno " + string('0'+rune(e/100%10)) + string('0'+rune(e/10%10)) + string('0'+rune(e%10))
 }
 
-// Of returns the errno value err wraps, and whether it wraps one: what a
-// fuzz test asks of every error ("typed, not a panic or a bare string").
+// Of returns the first errno value err matches with errors.Is (so also
+// error types whose Is method claims one), and whether it matches any:
+// what a fuzz test asks of every error ("typed, not a bare string").
 func Of(err error) (Errno, bool) {
-	var e Errno
-	ok := errors.As(err, &e)
-	return e, ok
+	if err == nil {
+		return 0, false
+	}
+	for e := ErrInvalid; int(e) < len(names); e++ {
+		if errors.Is(err, e) {
+			return e, true
+		}
+	}
+	return 0, false
 }

@@ -38,3 +38,14 @@ func TestOf(t *testing.T) {
 	assert.True(t, ok)
 	assert.Equal(t, errno.ErrFault, e)
 }
+
+type claimsFault struct{}
+
+func (claimsFault) Error() string        { return "a fault of its own type" }
+func (claimsFault) Is(target error) bool { return target == errno.ErrFault }
+
+func TestOfSeesIsMethods(t *testing.T) {
+	e, ok := errno.Of(fmt.Errorf("wrapped: %w", claimsFault{}))
+	assert.True(t, ok)
+	assert.Equal(t, errno.ErrFault, e)
+}
