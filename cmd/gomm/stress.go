@@ -153,6 +153,15 @@ func (w *world) done() bool { return w.ctx.Err() != nil }
 
 // stress runs the workload described by cfg and reports.
 func stress(parent context.Context, cfg stressConfig, prog progress) (*report, error) {
+	w, err := newWorld(parent, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return w.run(prog)
+}
+
+// newWorld builds the machine, the files and the first processes.
+func newWorld(parent context.Context, cfg stressConfig) (*world, error) {
 	w := &world{cfg: cfg}
 	frames := cfg.RAMMiB << 8
 	m, err := gomm.NewMachine(gomm.Config{
@@ -173,12 +182,17 @@ func stress(parent context.Context, cfg stressConfig, prog progress) (*report, e
 		w.files = append(w.files, obj)
 	}
 	w.ctx, w.cancel = context.WithTimeout(parent, cfg.Duration)
-	defer w.cancel()
 	w.runq = make(chan *proc, 4*cfg.Procs+cfg.CPUs)
 	for range cfg.Procs {
 		w.spawn(m.NewMM(), nil)
 	}
+	return w, nil
+}
 
+// run runs the world until its time is up or it fails, and reports.
+func (w *world) run(prog progress) (*report, error) {
+	defer w.cancel()
+	cfg := w.cfg
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i := range cfg.CPUs {
