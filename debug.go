@@ -25,8 +25,8 @@ type place struct {
 // count equals the entries that map it (a huge leaf maps each of its
 // 512 frames once, and holds a deposited table for its split); a walk from each mapped frame
 // finds every place that maps it; every page-cache frame mapped is
-// still cached; and each swap slot's count equals the entries that name
-// it. Call it when nothing else runs on the machine; it returns every
+// still cached; each swap slot's count equals the entries that name
+// it; and no migration entry is left. Call it when nothing else runs on the machine; it returns every
 // problem found, joined, each wrapping ErrInconsistent.
 func (m *Machine) CheckRmap(mms ...*MM) error {
 	maps_ := map[uint64][]place{}
@@ -56,10 +56,17 @@ func (m *Machine) CheckRmap(mms ...*MM) error {
 				PTEs: func(pt pagetable.PTETable, first, last int) bool {
 					for i := first; i < last; i++ {
 						e := pt.Get(i)
-						if pfn, ok := e.MappedFrame(); ok {
+						switch pfn, ok := e.MappedFrame(); {
+						case ok:
 							maps_[pfn] = append(maps_[pfn], place{mm.space(), pt.VA(i)})
-						} else if s, ok := e.Swap(); ok && !e.IsMigration() {
-							slots[s.Offset]++
+						case e.IsMigration():
+							// Quiescent: every migration has finished
+							// and taken its entries out.
+							bad("mm %d: migration entry at %#x left behind (%v)", mm.ID(), pt.VA(i), e)
+						default:
+							if s, ok := e.Swap(); ok {
+								slots[s.Offset]++
+							}
 						}
 					}
 					return true

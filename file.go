@@ -23,6 +23,9 @@ type File struct {
 	m     *Machine
 	as    *rmap.File
 	inode locks.RWSem // i_rwsem: writes and truncation exclude each other
+	// anon: the memory of a MAP_SHARED|MAP_ANONYMOUS mapping, which only
+	// its mappings can reach. Set before the file is shared.
+	anon bool
 }
 
 // MaxFileSize bounds a File (MAX_LFS_FILESIZE of a 48-bit address
@@ -177,6 +180,14 @@ func (f *File) Truncate(size uint64) error {
 	}
 	first := (size + PageSize - 1) / PageSize
 	err := f.unmapRange(first)
+	f.dropPages(first)
+	return err
+}
+
+// dropPages takes the pages from index first on out of the page cache
+// (truncate_inode_pages_range), unmapping any a fault mapped since the
+// caller unmapped the range.
+func (f *File) dropPages(first uint64) {
 	for _, idx := range f.as.Indexes(first) {
 		p := f.as.Lookup(idx)
 		if p == nil {
@@ -196,7 +207,16 @@ func (f *File) Truncate(size uint64) error {
 		_ = f.m.ram.Put(p)
 	}
 	f.m.swap.dropOrphans()
-	return err
+}
+
+// releaseIfUnmapped frees the pages of shared anonymous memory once its
+// last mapping is gone (the shmem inode's eviction at the last fput):
+// nothing else can reach them. Idempotent: two MMs may unmap their last
+// mappings at once.
+func (f *File) releaseIfUnmapped() {
+	if f.anon && !f.as.Mapped() {
+		f.dropPages(0)
+	}
 }
 
 // unmapRange zaps every mapping of the file's pages from index first on

@@ -182,3 +182,27 @@ func TestMmapFileValidation(t *testing.T) {
 	assert.Empty(t, mm.VMAs())
 	require.NoError(t, mm.Exit())
 }
+
+// TestSharedAnonymousMemoryIsFreedWithItsLastMapping: the memory of a
+// MAP_SHARED|MAP_ANONYMOUS mapping lives as long as some mapping of it
+// (fork shares it), and goes with the last.
+func TestSharedAnonymousMemoryIsFreedWithItsLastMapping(t *testing.T) {
+	m := newMachine(t, gomm.Config{Frames: 256})
+	free := m.RAM().Stats().Free
+	parent := m.NewMM()
+	va, err := parent.Mmap(0, 8*page, rw, gomm.MapShared|gomm.MapAnonymous|gomm.MapPopulate)
+	require.NoError(t, err)
+	_, err = parent.WriteAt([]byte{42}, va+3*page)
+	require.NoError(t, err)
+	child, err := parent.Fork()
+	require.NoError(t, err)
+	require.NoError(t, parent.Munmap(va, 4*page), "part of it: the memory stays")
+	require.NoError(t, parent.Exit())
+	var b [1]byte
+	_, err = child.ReadAt(b[:], va+3*page)
+	require.NoError(t, err)
+	assert.Equal(t, byte(42), b[0], "the child's mapping keeps the memory")
+	require.NoError(t, m.CheckRmap(child))
+	require.NoError(t, child.Exit())
+	assert.Equal(t, free, m.RAM().Stats().Free, "the last mapping took the memory with it")
+}

@@ -59,7 +59,14 @@ func (mm *MM) forkLocked() (*MM, error) {
 		if !v.shared() {
 			ranges = append(ranges, mm.invalidateStart(v.Start, v.End, notifier.EventProtectionPage))
 		}
+		// Entries are in flight between the parent's table and the
+		// child's: no reverse-map walk may run meanwhile, or
+		// remove_migration_ptes restores the parent's entry and misses
+		// the migration entry on its way to the child (take_rmap_locks,
+		// as mremap does).
+		unlock := v.LockRmap()
 		err = mm.copyRange(child, v, v.Start, v.End)
+		unlock()
 		return err == nil
 	})
 	// The parent's write rights are gone from its page table; now from

@@ -46,6 +46,7 @@ func (mm *MM) Mmap(addr, length uint64, prot Prot, flags MapFlags) (uint64, erro
 		if file, err = mm.m.NewFile(size); err != nil {
 			return 0, err
 		}
+		file.anon = true
 	}
 	return mm.mmapRegion(addr, size, prot, flags, file, 0)
 }

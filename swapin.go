@@ -10,8 +10,8 @@ import (
 // (do_swap_page): from the swap cache if it is still there, else into a
 // new frame added to the swap cache and read from the slot. The entry
 // gives up its slot reference; when it was the last, the page leaves
-// the swap cache and a write fault maps it writable at once, else it is
-// mapped read-only and a write copies it.
+// the swap cache and a write fault maps it writable at once; else a read
+// maps it read-only and a write maps a private copy, in the same fault.
 func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bool, err error) {
 	s, _ := e.Swap()
 	if s.Type != 0 || mm.m.swap == nil {
@@ -48,11 +48,21 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 		}
 	}
 	defer f.Unlock()
-	if mm.foreignAnon(v, page, f) {
+	// A write takes the page over only if this entry is the last to name
+	// the slot and nobody maps it; otherwise it must copy.
+	exclusive := mm.m.swap.entries(slot) == 1 && f.MapCount() == 0 && !f.Has(physmem.FlagKSM)
+	if mm.foreignAnon(v, page, f) || write && !exclusive {
 		// A KSM page, one of another anon_vma family (the page was
 		// merged while it was mapped here), or one brought back for
 		// another address: this VMA's walk could not find it here, so
 		// it gets a copy of its own (ksm_might_need_to_copy).
+		//
+		// A write that cannot take the page over copies it now, in
+		// this fault and under the page lock (do_swap_page going on to
+		// do_wp_page). Mapped read-only instead, the page could be
+		// reclaimed again (by the copy's own direct reclaim, say)
+		// before the write's next fault, and the write would fault
+		// again and again while each fault reports success.
 		cp, err := mm.allocAnon(v, page, f)
 		_ = mm.m.ram.Put(f) // the swap cache still holds it
 		if err != nil {

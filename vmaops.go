@@ -63,6 +63,7 @@ func (mm *MM) insertVMA(v *vma) {
 func (mm *MM) unlinkVMA(v *vma) {
 	if v.File != nil {
 		v.File.Unlink(&v.VMA)
+		v.file.releaseIfUnmapped()
 	}
 	mm.m.anonVMAs.Unlink(&v.VMA)
 }
@@ -93,8 +94,11 @@ func (mm *MM) splitAt(addr uint64) error {
 	tail := v.dup(mm)
 	tail.Start, tail.PgOff = addr, v.Index(addr)
 	_ = mm.m.anonVMAs.Clone(&tail.VMA, &v.VMA) // tail is fresh: cannot fail
-	mm.m.anonVMAs.Adjust(&v.VMA, v.Start, addr, v.PgOff)
+	// The tail goes into its file's i_mmap before v stops covering it:
+	// a reverse-map walk (remove_migration_ptes above all) must find the
+	// tail's entries through one VMA or the other at every moment.
 	mm.insertVMA(tail)
+	mm.m.anonVMAs.Adjust(&v.VMA, v.Start, addr, v.PgOff)
 	return nil
 }
 
