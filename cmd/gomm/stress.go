@@ -304,10 +304,13 @@ func (w *world) runCPU(i int) {
 		}
 		cpu.Switch(p.task)
 		alive := p.runSlice(cpu, 64)
+		// Switch away before anyone else can take p (the kernel clears
+		// on_cpu only in finish_task_switch): a CPU waiting on the run
+		// queue must not still run p's task while another CPU runs p,
+		// or exits it and frees its mm.
+		cpu.Switch(idle)
 		p.running.Store(false)
 		if !alive {
-			// Exit: the CPU leaves the mm before its last reference goes.
-			cpu.Switch(idle)
 			if err := p.mm.Exit(); err != nil {
 				w.fail("exit of process %d: %v", p.id, err)
 			}
