@@ -68,6 +68,12 @@ type Device struct {
 
 	mu    sync.Mutex          // the IOTLB lock; see the package documentation
 	iotlb *devtlb.TLB[uint64] // page address -> translation; protected by mu
+	// blocked: the MM's address space is going away (Release ran) or the
+	// device was unbound, and its PASID entry blocks every DMA, as the
+	// kernel's release callback sets it. Without it a DMA could walk an
+	// entry exit has yet to zap, which no invalidation would reach.
+	// Protected by mu.
+	blocked bool
 
 	dma, hits, misses, pageRequests, flushes, flushed atomic.Uint64
 
@@ -103,7 +109,7 @@ func Bind(ctx context.Context, m *gomm.Machine, mm *gomm.MM, entries int, mode M
 // flushed and it is told nothing more.
 func (d *Device) Unbind() error {
 	err := d.mm.UnregisterNotifier(d.sub)
-	d.flush(0, gomm.TaskSize)
+	d.block()
 	d.unregisterCache()
 	return err
 }
@@ -137,6 +143,10 @@ func (d *Device) access(va uint64, write bool, op func(f *physmem.Frame, off int
 	}
 	for range 16 {
 		d.mu.Lock()
+		if d.blocked {
+			d.mu.Unlock()
+			return fmt.Errorf("iommu: DMA at %#x: the address space is gone: %w: %w", va, ErrDMA, gomm.ErrClosed)
+		}
 		e, ok := d.iotlb.Lookup(page)
 		if ok && (e.Writable || !write) {
 			d.hits.Add(1)
@@ -178,6 +188,15 @@ func (d *Device) flush(start, end uint64) {
 	d.flushed.Add(uint64(n))
 }
 
+// block flushes the whole IOTLB and refuses every later DMA.
+func (d *Device) block() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.blocked = true
+	d.flushes.Add(1)
+	d.flushed.Add(uint64(d.iotlb.DropIf(func(uint64) bool { return true })))
+}
+
 // CacheName implements gomm.Cache.
 func (d *Device) CacheName() string { return fmt.Sprintf("SVA device IOTLB (%v)", d.mode) }
 
@@ -206,8 +225,8 @@ func (o *svaOps) InvalidateSecondaryTLBs(_ notifier.MM, start, end uint64) {
 	(*Device)(o).flush(start, end)
 }
 
-// Release flushes everything: the MM is exiting.
-func (o *svaOps) Release(notifier.MM) { (*Device)(o).flush(0, gomm.TaskSize) }
+// Release blocks the device: the MM is exiting.
+func (o *svaOps) Release(notifier.MM) { (*Device)(o).block() }
 
 // InvalidateRangeStart flushes too early.
 func (o *earlyOps) InvalidateRangeStart(r *notifier.Range) error {
@@ -218,8 +237,8 @@ func (o *earlyOps) InvalidateRangeStart(r *notifier.Range) error {
 // InvalidateRangeEnd does nothing in this mode.
 func (o *earlyOps) InvalidateRangeEnd(*notifier.Range) {}
 
-// Release flushes everything.
-func (o *earlyOps) Release(notifier.MM) { (*Device)(o).flush(0, gomm.TaskSize) }
+// Release blocks the device.
+func (o *earlyOps) Release(notifier.MM) { (*Device)(o).block() }
 
 // InvalidateRangeStart does nothing in this mode.
 func (o *lateOps) InvalidateRangeStart(*notifier.Range) error { return nil }
@@ -227,5 +246,5 @@ func (o *lateOps) InvalidateRangeStart(*notifier.Range) error { return nil }
 // InvalidateRangeEnd flushes too late.
 func (o *lateOps) InvalidateRangeEnd(r *notifier.Range) { (*Device)(o).flush(r.Start, r.End) }
 
-// Release flushes everything.
-func (o *lateOps) Release(notifier.MM) { (*Device)(o).flush(0, gomm.TaskSize) }
+// Release blocks the device.
+func (o *lateOps) Release(notifier.MM) { (*Device)(o).block() }
