@@ -56,6 +56,9 @@ type mmState struct {
 	contexts    int    // open contexts; the state goes with the last
 	rangeActive int    // ms_range_active
 	seq         uint64 // bumped by every end
+	// released: the MM's release ran; nothing may be dropped in any more,
+	// since exit's zap that follows tells nobody.
+	released bool
 }
 
 // Chip is one GRU chip.
@@ -72,6 +75,9 @@ type Chip struct {
 	accesses, hits, dropIns, retries, waits, invalidations, flushes atomic.Uint64
 
 	unregisterCache func()
+	// afterGUP, if set (tests only), runs between a miss's page look-up
+	// and its drop-in.
+	afterGUP func()
 }
 
 // New returns a chip with a TLB of entries translations, registered
@@ -189,11 +195,17 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 		if err != nil {
 			return fmt.Errorf("gru: miss at %#x: %w", va, err)
 		}
+		if c.afterGUP != nil {
+			c.afterGUP()
+		}
 		c.mu.Lock()
-		if st.rangeActive == 0 && st.seq == seq {
+		released := st.released
+		switch {
+		case released:
+		case st.rangeActive == 0 && st.seq == seq:
 			c.tlb.Fill(key, devtlb.Entry{PFN: uint64(f.PFN()), Writable: write})
 			c.dropIns.Add(1)
-		} else {
+		default:
 			c.retries.Add(1)
 		}
 		c.mu.Unlock()
@@ -202,6 +214,9 @@ func (x *Context) access(va uint64, write bool, op func(*physmem.Frame, int) err
 		// the frame.
 		if err := c.m.RAM().Put(f); err != nil {
 			return err
+		}
+		if released {
+			return fmt.Errorf("gru: miss at %#x: the address space is gone: %w", va, gomm.ErrClosed)
 		}
 	}
 }
@@ -280,5 +295,15 @@ func (o *chipOps) InvalidateRangeEnd(r *notifier.Range) {
 	c.wake.Broadcast()
 }
 
-// Release drops every translation of the exiting MM.
-func (o *chipOps) Release(mm notifier.MM) { (*Chip)(o).flushAll(mm.ID()) }
+// Release drops every translation of the exiting MM and refuses new
+// ones: a miss that looked the page up before release must not drop it
+// in after.
+func (o *chipOps) Release(mm notifier.MM) {
+	c := (*Chip)(o)
+	c.mu.Lock()
+	if st := c.mms[mm.ID()]; st != nil {
+		st.released = true
+	}
+	c.mu.Unlock()
+	c.flushAll(mm.ID())
+}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/internal/testmain"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/stretchr/testify/assert"
@@ -119,4 +120,28 @@ func TestDemo(t *testing.T) {
 	require.Len(t, rep.Munmaps, 2)
 	assert.EqualValues(t, 1, rep.Munmaps[0].Flushes, "one device flush per range")
 	assert.EqualValues(t, 32, rep.Munmaps[1].Flushes, "the toy flushes once per 2 MiB")
+}
+
+// TestNoDropInAfterRelease: a miss that looked its page up before the
+// MM's release must not drop it in after; exit's zap, which follows
+// release, reaches no subscriber. Without the released check the chip
+// keeps the frame exit frees, and the checker (setup's cleanup) catches
+// it.
+func TestNoDropInAfterRelease(t *testing.T) {
+	_, chip, mm, a := setup(t, ModePerRange)
+	x, err := chip.Open(context.Background(), mm)
+	require.NoError(t, err)
+	stall := devtlb.NewStallRelease()
+	_, err = mm.RegisterNotifier(context.Background(), stall)
+	require.NoError(t, err)
+	exited := make(chan error, 1)
+	chip.afterGUP = func() {
+		chip.afterGUP = nil
+		go func() { exited <- mm.Exit() }()
+		<-stall.Reached
+	}
+	assert.ErrorIs(t, x.Store64(a, 1), gomm.ErrClosed, "the drop-in after release is refused")
+	close(stall.Resume)
+	require.NoError(t, <-exited)
+	require.NoError(t, x.Close())
 }

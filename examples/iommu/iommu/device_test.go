@@ -6,8 +6,8 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/internal/testmain"
-	"github.com/gomm-dev/gomm/notifier"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -103,15 +103,6 @@ func TestDemo(t *testing.T) {
 	require.Len(t, rep.Modes, 3)
 }
 
-// stallRelease is a subscriber whose Release waits: exit is held between
-// the notifiers' release and its zap of the address space.
-type stallRelease struct{ reached, resume chan struct{} }
-
-func (s stallRelease) Release(notifier.MM) {
-	close(s.reached)
-	<-s.resume
-}
-
 // TestNoDMAAfterRelease: once the MM's release ran, the device's PASID
 // blocks DMA. Before the fix a DMA in the window between release and
 // exit's zap walked the still-present entry into the IOTLB, exit then
@@ -120,16 +111,16 @@ func (s stallRelease) Release(notifier.MM) {
 func TestNoDMAAfterRelease(t *testing.T) {
 	m, mm, dev, a := bind(t, ModeSecondaryTLBs, 4)
 	require.NoError(t, dev.Write64(a, 7))
-	stall := stallRelease{make(chan struct{}), make(chan struct{})}
+	stall := devtlb.NewStallRelease()
 	_, err := mm.RegisterNotifier(context.Background(), stall)
 	require.NoError(t, err)
 	exited := make(chan error)
 	go func() { exited <- mm.Exit() }()
-	<-stall.reached
+	<-stall.Reached
 	_, err = dev.Read64(a)
 	assert.ErrorIs(t, err, ErrDMA, "DMA after release is refused")
 	assert.ErrorIs(t, err, gomm.ErrClosed)
-	close(stall.resume)
+	close(stall.Resume)
 	require.NoError(t, <-exited)
 	require.NoError(t, dev.Unbind())
 	v, n := m.Violations()

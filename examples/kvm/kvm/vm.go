@@ -68,6 +68,9 @@ type VM struct {
 	// mmu_invalidate_seq: bumped under mmuLock (write) by every end, read
 	// without it at the start of a fault.
 	seq atomic.Uint64
+	// released: the MM's release ran; nothing may be installed any more,
+	// since exit's zap that follows tells nobody. Protected by mmuLock.
+	released bool
 
 	guestFaults, retries, zapped, invalidations, agedYoung atomic.Uint64
 	gupHeld                                                atomic.Int64
@@ -77,6 +80,9 @@ type VM struct {
 	// noRetryCheck switches the mmu_invalidate_retry check off, for the
 	// test that shows what it prevents.
 	noRetryCheck bool
+	// afterGUP, if set (tests only), runs between a fault's page look-up
+	// and its install.
+	afterGUP func()
 }
 
 // New creates a VM backed by mm, subscribing to its notifiers and
@@ -193,6 +199,9 @@ func (vm *VM) fault(gpa uint64, write bool) error {
 			return fmt.Errorf("kvm: guest fault at gpa %#x (hva %#x): %w", gpa, hva, err)
 		}
 		vm.gupHeld.Add(1)
+		if vm.afterGUP != nil {
+			vm.afterGUP()
+		}
 		installed, err := vm.install(gpa, hva, f, write, seq)
 		// No long-term pin: the notifier keeps the entry honest from here.
 		// Dropped outside mmuLock, since it may free the frame and the
@@ -213,6 +222,9 @@ func (vm *VM) fault(gpa uint64, write bool) error {
 func (vm *VM) install(gpa, hva uint64, f *physmem.Frame, write bool, seq uint64) (bool, error) {
 	vm.mmuLock.Lock()
 	defer vm.mmuLock.Unlock()
+	if vm.released {
+		return false, fmt.Errorf("kvm: guest fault at gpa %#x: the address space is gone: %w", gpa, gomm.ErrClosed)
+	}
 	if !vm.noRetryCheck && (vm.inProgress > 0 && hva >= vm.rangeStart && hva < vm.rangeEnd || vm.seq.Load() != seq) {
 		return false, nil
 	}
@@ -320,7 +332,12 @@ func (vm *VM) TestYoung(_ notifier.MM, addr uint64) bool {
 
 // Release implements notifier.Releaser: the MM is going away, so every
 // shadow entry goes.
-func (vm *VM) Release(notifier.MM) { vm.zapAll() }
+func (vm *VM) Release(notifier.MM) {
+	vm.mmuLock.Lock()
+	vm.released = true // a fault that looked its page up before must not install it after
+	vm.mmuLock.Unlock()
+	vm.zapAll()
+}
 
 // CacheName implements gomm.Cache.
 func (vm *VM) CacheName() string {

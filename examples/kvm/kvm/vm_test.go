@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/examples/internal/devtlb"
 	"github.com/gomm-dev/gomm/internal/testmain"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -210,4 +211,28 @@ func TestDemo(t *testing.T) {
 	assert.Positive(t, rep.Merged)
 	assert.Positive(t, rep.VM.Zapped)
 	assert.Zero(t, rep.VM.GUPHeld)
+}
+
+// TestNoInstallAfterRelease: a fault that looked its page up before the
+// MM's release must not install it after; exit's zap, which follows
+// release, reaches no subscriber. Without the released check the shadow
+// table keeps the frame exit frees, and the checker catches it.
+func TestNoInstallAfterRelease(t *testing.T) {
+	m, mm, vm, _ := newVM(t, gomm.Config{Frames: 256}, 4)
+	stall := devtlb.NewStallRelease()
+	_, err := mm.RegisterNotifier(context.Background(), stall)
+	require.NoError(t, err)
+	exited := make(chan error, 1)
+	vm.afterGUP = func() {
+		vm.afterGUP = nil
+		go func() { exited <- mm.Exit() }()
+		<-stall.Reached // the VM's release ran; exit's zap has not
+	}
+	err = vm.Store64(0, 1)
+	assert.ErrorIs(t, err, gomm.ErrClosed, "the install after release is refused")
+	assert.Zero(t, vm.ShadowEntries())
+	close(stall.Resume)
+	require.NoError(t, <-exited)
+	require.NoError(t, vm.Close())
+	noViolations(t, m)
 }
