@@ -164,7 +164,12 @@ func (m *Machine) KSMScan(pages int) KSMStats {
 		}
 		if k.stats.FullScans != passes {
 			if !found {
-				break // a whole pass without a page to look at
+				// A whole pass without a page to look at. This wrap's
+				// look may have found one since: give its reference back.
+				if f != nil {
+					_ = m.ram.Put(f)
+				}
+				break
 			}
 			passes, found = k.stats.FullScans, false
 		}
