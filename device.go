@@ -127,8 +127,10 @@ type MigrateVMA struct {
 	// RAM, reclaiming if need be. An error leaves that page where it was
 	// and ends the migration.
 	AllocDst func(va uint64, src *physmem.Frame) (*physmem.Frame, error)
-	// Migrated, if set, is called for each page moved, once every
-	// mapping points at the new frame and before the old one is freed,
+	// Migrated, if set, is called for each page moved that Addr still
+	// maps (a zap racing the migration may have taken its entry), once
+	// every mapping points at the new frame and before the old one is
+	// freed,
 	// both locked: where a driver that skipped Owner's invalidations
 	// points its own page table at the new frame
 	// (dmirror_migrate_finalize_and_map). It must not call into the MM.
@@ -196,6 +198,12 @@ func (mm *MM) migrateVMA(v *vma, a *MigrateVMA) (int, error) {
 		if a.Migrated != nil {
 			how.migrated = func(src, dst *physmem.Frame) {
 				e, _ := mm.table.Lookup(va)
+				if pfn, ok := e.MappedFrame(); !ok || pfn != uint64(dst.PFN()) {
+					// A zap took the migration entry meanwhile: va does
+					// not map dst, which goes once migrate drops it. The
+					// kernel clears MIGRATE_PFN_MIGRATE for such a page.
+					return
+				}
 				a.Migrated(MigratedPage{Addr: va, Src: src, Dst: dst, Writable: e.IsPresent() && e.IsWritable() || e.IsDevicePrivate() && e.IsSwapWritable()})
 			}
 		}

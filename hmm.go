@@ -112,7 +112,7 @@ func (mm *MM) RangeFault(r *HMMRange) error {
 			}
 			continue
 		}
-		if (r.Fault || r.FaultWrite) && (!e.IsPresent() || (r.FaultWrite && !e.IsWritable())) {
+		if (r.Fault || r.FaultWrite) && (!e.IsPresent() || e&pagetable.User == 0 || (r.FaultWrite && !e.IsWritable())) {
 			if err := mm.faultLocked(v, va, acc); err != nil {
 				r.PFNs[i].Flags = PFNError
 				return err

@@ -19,9 +19,14 @@ type ZapStats struct {
 // (zap_page_range_single / unmap_page_range): under each PTE table's lock
 // it clears the entries atomically, takes each mapped frame's mapcount
 // down, records the entry and queues the frame, whose reference is dropped
-// only by Flush, after the TLBs are flushed. Special entries (the zero
-// page, PFN maps) have no reference to drop. A huge leaf the range only
-// partly covers is split first.
+// only by Flush, after the TLBs are flushed. A device-private or
+// device-exclusive entry is in no TLB: its frame's reference is dropped
+// as soon as the walk lets go of the page-table locks, not held until
+// the gather flushes (zap_nonpresent_ptes puts it at once), or a fault
+// migrating that page back would find it referenced for as long as the
+// rest of the teardown takes. Special entries (the zero page, PFN maps)
+// have no reference to drop. A huge leaf the range only partly covers is
+// split first.
 //
 // When the batch fills, Zap drops the lock, flushes, and goes on where it
 // stopped, as the kernel's zap loop does.
@@ -29,6 +34,7 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 	var st ZapStats
 	table := g.ctx.Table()
 	var err error
+	var unmapped []*physmem.Frame // device entries' frames: no TLB to flush first
 	for start < end {
 		resume := end
 		full := false
@@ -61,6 +67,10 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					}
 					f.DecMapCount()
 					st.Frames++
+					if !old.IsPresent() {
+						unmapped = append(unmapped, f)
+						continue
+					}
 					if g.RemovePage(f) {
 						full, resume = true, pt.VA(i+1)
 						return false
@@ -110,6 +120,14 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 				return true
 			},
 		})
+		for i, f := range unmapped {
+			if perr := g.ram.Put(f); perr != nil && err == nil {
+				err = fmt.Errorf("mmugather: freeing frames: %w", perr)
+			}
+			unmapped[i] = nil
+			g.freedPags++
+		}
+		unmapped = unmapped[:0]
 		if rerr != nil {
 			return st, rerr
 		}
