@@ -185,3 +185,35 @@ func TestKSMSharedWithParentIsNotTheKSMPage(t *testing.T) {
 	require.NoError(t, child.Exit())
 	require.NoError(t, parent.Exit())
 }
+
+// TestMremapOfMergedPages: moving a mapping unmerges its KSM pages
+// first (move_vma's ksm_madvise); KSM's reverse map, which knows each
+// mapping by its address, would not reach them at the new one.
+func TestMremapOfMergedPages(t *testing.T) {
+	m := newMachine(t, gomm.Config{Frames: 512})
+	mm := m.NewMM()
+	defer func() { require.NoError(t, mm.Exit()) }()
+	addr, err := mm.Mmap(0x1000_0000, 8*page, rw, anon|gomm.MapFixed)
+	require.NoError(t, err)
+	for i := range uint64(8) {
+		_, err := mm.WriteAt([]byte{9}, addr+i*page)
+		require.NoError(t, err)
+	}
+	require.NoError(t, mm.Madvise(addr, 8*page, gomm.MadvMergeable))
+	for range 4 {
+		m.KSMScan(64)
+	}
+	require.Positive(t, m.KSMStats().PagesSharing, "merged")
+	to, err := mm.Mremap(addr, 8*page, 8*page, gomm.MremapMayMove|gomm.MremapFixed, 0x2000_0000)
+	require.NoError(t, err)
+	require.NoError(t, m.CheckRmap(mm), "every mapping reachable at its new address")
+	var b [1]byte
+	_, err = mm.ReadAt(b[:], to+7*page)
+	require.NoError(t, err)
+	assert.Equal(t, byte(9), b[0])
+	for range 4 {
+		m.KSMScan(64)
+	}
+	assert.Positive(t, m.KSMStats().PagesSharing, "merged again at the new address")
+	require.NoError(t, m.CheckRmap(mm))
+}

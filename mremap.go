@@ -6,6 +6,7 @@ import (
 	"github.com/gomm-dev/gomm/notifier"
 
 	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/rmap"
 )
 
 // MremapFlags are mremap's flags, with Linux's values.
@@ -80,6 +81,15 @@ func (mm *MM) Mremap(oldAddr, oldLen, newLen uint64, flags MremapFlags, newAddr 
 		return fail("cannot grow in place", ErrNoMem)
 	}
 
+	// KSM pages are unmerged before they move (move_vma's ksm_madvise):
+	// KSM's reverse map knows each mapping by its address and would not
+	// find them at the new one. VM_MERGEABLE stays, so ksmd merges them
+	// again there.
+	if v.Flags()&rmap.VMMergeable != 0 {
+		if err := mm.unmergeLocked(oldStart, oldStart+min(oldSize, size)); err != nil {
+			return 0, err
+		}
+	}
 	dest := newAddr
 	if flags&MremapFixed == 0 {
 		a, ok := mm.vmas.gap(size, MmapMinAddr, TaskSize)

@@ -173,7 +173,7 @@ func newWorld(parent context.Context, cfg stressConfig) (*world, error) {
 		return nil, err
 	}
 	w.m = m
-	m.OnViolation(func(v gomm.Violation) { w.fail("checker violation: %v", v) })
+	m.OnViolation(func(v gomm.Violation) { w.fail("checker violation: %v\nfound at:\n%s", v, v.Stack) })
 	for range 4 {
 		obj, err := newFileObj(m, filePages)
 		if err != nil {

@@ -2,6 +2,7 @@ package check
 
 import (
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -84,6 +85,10 @@ type Violation struct {
 	End    uint64
 	PFN    uint64 // the frame, for FreedFrameCached
 	Detail string // the cache's description of the offending entry
+	// Stack is where the violation was found (the goroutine freeing the
+	// frame or ending the downgrade), for a report in full; String
+	// leaves it out.
+	Stack string
 }
 
 func (v Violation) String() string {
@@ -243,6 +248,9 @@ func (c *Checker) SpaceFreed(space uint64) {
 func (c *Checker) Report(v Violation) {
 	if c == nil {
 		return
+	}
+	if v.Stack == "" {
+		v.Stack = string(debug.Stack())
 	}
 	c.mu.Lock()
 	c.total++
