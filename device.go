@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"time"
 
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/pagetable"
@@ -271,8 +272,11 @@ func (f *DeviceFault) Migrate(a *MigrateVMA) (int, error) {
 }
 
 // maxDeviceFaults bounds how often one fault calls a driver that leaves
-// the page in device memory.
-const maxDeviceFaults = 16
+// the page in device memory. The kernel retries without a bound; a page
+// can be held for a moment by a fork's copy, a racing zap's gather or a
+// device access, so the tries back off (about a second in all) and only
+// a driver that never migrates ends the fault with EFAULT.
+const maxDeviceFaults = 1000
 
 // deviceFault handles a CPU fault on the device-private entry e
 // (do_swap_page for a device-private entry): the page's driver migrates
@@ -281,6 +285,8 @@ const maxDeviceFaults = 16
 func (mm *MM) deviceFault(v *vma, page uint64, e pagetable.PTE, write bool, tries *int) (retry bool, err error) {
 	if *tries++; *tries > maxDeviceFaults {
 		return false, fmt.Errorf("gomm: fault at %#x: device memory's driver does not give the page back: %w", page, ErrFault)
+	} else if *tries > 4 {
+		time.Sleep(time.Microsecond << min(*tries-4, 10))
 	}
 	// No reference is held across the call: the migration it asks for
 	// freezes the page's references, and the driver finds the page again

@@ -340,7 +340,19 @@ func (k *ksm) forget(m *Machine, key ksmKey, it *ksmItem) {
 	if m.ram.TryGet(f) {
 		if f.TryLock() {
 			if ksmNodeOf(f) == it.node.rnode {
-				it.node.rnode.Remove(key.mm.space(), key.va)
+				// Not Remove: the children key.mm forked since the
+				// merge may map f at key.va through this item
+				// (remove_rmap_item_from_tree leaves them to ksmd's
+				// scan of the children; here no walk may miss them).
+				pfn := uint64(f.PFN())
+				it.node.rnode.Forget(key.mm.space(), key.va, func(v *rmap.VMA, addr uint64) bool {
+					e, _ := v.Space.Table().Lookup(addr)
+					mapped, ok := e.MappedFrame()
+					if ok && e.IsHuge() {
+						mapped = e.PFNAt(addr)
+					}
+					return ok && mapped == pfn
+				})
 			}
 			f.Unlock()
 		}

@@ -1,5 +1,7 @@
 package rmap
 
+import "slices"
+
 // StableNode is the mapping of a KSM page (struct ksm_stable_node): the
 // list of the (space, address) places that map it, each with the
 // anon_vma the page had there before it was merged, which is how a walk
@@ -20,9 +22,34 @@ type KSMItem struct {
 // PAGE_MAPPING_KSM).
 func (n *StableNode) IsAnon() bool { return true }
 
-// Add records a new place the page is mapped. The caller holds the KSM
-// page's lock.
-func (n *StableNode) Add(it KSMItem) { n.items = append(n.items, it) }
+// Add records a new place the page is mapped; a place it records
+// already is not recorded twice. The caller holds the KSM page's lock.
+func (n *StableNode) Add(it KSMItem) {
+	if !slices.Contains(n.items, it) {
+		n.items = append(n.items, it)
+	}
+}
+
+// Forget drops the items of the place (space, addr), whose page is no
+// longer this one, except those through which the page is still mapped
+// elsewhere: a walk of an item visits every VMA of its anon_vma family
+// at addr, so children forked after the merge map the page through
+// their parent's item, and dropping it would leave them unreachable.
+// mapped reports whether v maps the page at addr. The caller holds the
+// KSM page's lock.
+func (n *StableNode) Forget(space Space, addr uint64, mapped func(v *VMA, addr uint64) bool) {
+	n.items = slices.DeleteFunc(n.items, func(it KSMItem) bool {
+		if it.Space != space || it.Addr != addr {
+			return false
+		}
+		reached := false
+		walkAnon(it.AnonVMA, 0, &Control{Visit: func(v *VMA, a uint64) bool {
+			reached = mapped(v, a)
+			return !reached
+		}}, it.Space, it.Addr, nil)
+		return !reached
+	})
+}
 
 // Remove forgets the place (space, addr); it reports whether it was
 // there. The caller holds the KSM page's lock.

@@ -30,12 +30,19 @@ func Walk(p *physmem.Frame, c *Control) (contended bool) {
 	m, index := p.Mapping()
 	switch m := m.(type) {
 	case *AnonVMA:
-		return walkAnon(m, index, c, nil, 0)
+		return walkAnon(m, index, c, nil, 0, nil)
 	case *File:
 		return walkFile(m, index, c)
 	case *StableNode:
+		// Items of one anon_vma family may reach the same VMA at the
+		// same address (a place merged again after its item was kept
+		// for its forks): visit each once.
+		var seen map[ksmPlace]bool
+		if len(m.items) > 1 {
+			seen = map[ksmPlace]bool{}
+		}
 		for _, it := range m.items {
-			if contended = walkAnon(it.AnonVMA, 0, c, it.Space, it.Addr); contended {
+			if contended = walkAnon(it.AnonVMA, 0, c, it.Space, it.Addr, seen); contended {
 				return true
 			}
 			if c.Done != nil && c.Done() {
@@ -46,9 +53,16 @@ func Walk(p *physmem.Frame, c *Control) (contended bool) {
 	return false
 }
 
+// ksmPlace is a VMA and address a KSM walk visited.
+type ksmPlace struct {
+	v    *VMA
+	addr uint64
+}
+
 // walkAnon visits the VMAs of av's tree that cover index or, for a KSM
-// item (space non-nil), the VMAs that cover addr.
-func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64) bool {
+// item (space non-nil), the VMAs that cover addr, skipping and then
+// recording in seen, if non-nil, the places visited already.
+func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64, seen map[ksmPlace]bool) bool {
 	if av == nil {
 		return false
 	}
@@ -73,6 +87,12 @@ func walkAnon(av *AnonVMA, index uint64, c *Control, space Space, addr uint64) b
 			// the address may map the page: its own space's, or a fork
 			// child's (rmap_walk_ksm's search_new_forks).
 			continue
+		}
+		if seen != nil {
+			if seen[ksmPlace{v, a}] {
+				continue
+			}
+			seen[ksmPlace{v, a}] = true
 		}
 		if !c.visit(v, a) {
 			return false
