@@ -114,6 +114,8 @@ func (p *proc) step(cpu *tlb.CPU) bool {
 	switch {
 	case len(p.regions) == 0 || d < 30:
 		p.mmap()
+	case d < 100:
+		p.fill(cpu)
 	case d < 600:
 		p.access(cpu)
 	case d < 680:
@@ -283,6 +285,24 @@ func (p *proc) verify(r *region, i, got uint64, how string) {
 	if want := r.expect(i); got != want {
 		p.w.fail("process %d (mm %d): %s of %s page %#x (page %d of [%#x, %#x)) read %#x, want %#x",
 			p.id, p.mm.ID(), how, regionKindNames[r.kind], r.start+i*gomm.PageSize, i, r.start, r.end(), got, want)
+	}
+}
+
+// fill stores to every page of a region through the CPU (a memset): the
+// working set grows until reclaim has to swap.
+func (p *proc) fill(cpu *tlb.CPU) {
+	r, _ := p.pick()
+	if r.readOnly {
+		return
+	}
+	unlock := r.lockShared()
+	defer unlock()
+	for i := range r.pages {
+		v := p.w.value()
+		if !p.allowed(opStore, cpu.Store64(r.start+i*gomm.PageSize, v)) {
+			return
+		}
+		r.set(i, v)
 	}
 }
 

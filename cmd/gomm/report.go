@@ -343,6 +343,7 @@ func (w *world) progressLine(elapsed time.Duration) string {
 		total += w.ops[k].Load()
 	}
 	_, viol := w.m.Violations()
-	return fmt.Sprintf("%d procs, %d ops (%.0f/s), %d checked, %d injected, %d violations",
-		w.liveProcs(), total, float64(total)/elapsed.Seconds(), w.checks.Load(), w.m.Stats().Injected.Total(), viol)
+	st := w.m.Stats()
+	return fmt.Sprintf("%d procs, %d ops (%.0f/s), %d MiB free, %d swapped, %d checked, %d injected, %d violations",
+		w.liveProcs(), total, float64(total)/elapsed.Seconds(), st.RAM.Free>>8, st.Swap.Outs, w.checks.Load(), st.Injected.Total(), viol)
 }

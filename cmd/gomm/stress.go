@@ -38,7 +38,7 @@ func parseStressFlags(args []string, stderr io.Writer) (stressConfig, error) {
 	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "how long to run")
 	fs.IntVar(&cfg.CPUs, "cpus", 4, "simulated CPUs (each runs processes on a goroutine of its own)")
 	fs.IntVar(&cfg.Procs, "procs", 8, "processes to keep alive (they fork and exit around this)")
-	fs.IntVar(&cfg.RAMMiB, "ram", 64, "RAM in MiB; swap is twice as much")
+	fs.IntVar(&cfg.RAMMiB, "ram", 24, "RAM in MiB; swap is twice as much")
 	fs.Uint64Var(&cfg.Seed, "seed", 0, "random seed (0: pick one and print it); a run is reproducible from its seed as far as scheduling allows")
 	drivers := fs.String("drivers", strings.Join(driverNames, ","), "example drivers to attach, comma-separated, or 'none'")
 	fs.Float64Var(&cfg.Inject, "inject", 0.001, "rate at which frame, swap-slot and page-table allocations fail (0 to 1)")
