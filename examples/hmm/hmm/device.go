@@ -286,6 +286,13 @@ type ownOp struct {
 	// whole-address-space interval bumped by every fault elsewhere could
 	// not give a claim racing a busy CPU. Protected by mi.mu.
 	invalidated bool
+	// seq is the interval's sequence when the operation began (after
+	// any invalidation then in flight ended). A migration installs
+	// what it moved only if no other invalidation reached the mirror
+	// since: one that began before a page's own invalidation and is
+	// still to zap the page would free the frame under the mirror, and
+	// invalidated, reset by each own invalidation, cannot see it.
+	seq uint64
 }
 
 // beginOwn starts an operation of the mirror's own on [start, end),
@@ -294,7 +301,7 @@ type ownOp struct {
 // until endOwn: the operation calls into the MM, which may fault a
 // device page back and start another.
 func (mi *Mirror) beginOwn(start, end uint64) *ownOp {
-	op := &ownOp{mi: mi, start: start, end: end}
+	op := &ownOp{mi: mi, start: start, end: end, seq: mi.in.ReadBegin()}
 	mi.mu.Lock()
 	defer mi.mu.Unlock()
 	mi.dropLocked(start, end)
