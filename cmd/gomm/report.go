@@ -186,6 +186,11 @@ func (w *world) finish(elapsed time.Duration, ds *driverSet) *report {
 	for _, f := range w.files {
 		_ = f.file.Truncate(0)
 	}
+	// A swap-cache page whose last entry went while it was locked stays
+	// until reclaim finds it, as in Linux: that is not a leak.
+	for range 3 {
+		m.Reclaim(m.RAM().Frames())
+	}
 	st = m.Stats()
 	if free := st.RAM.Free; free != m.RAM().Frames()-1 {
 		rep.Leaks = append(rep.Leaks, fmt.Sprintf("%d frames not free after every exit", m.RAM().Frames()-1-free))
