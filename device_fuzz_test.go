@@ -1,13 +1,13 @@
 package gomm_test
 
 import (
-	"encoding/binary"
 	"errors"
 	"slices"
 	"sync"
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/physmem"
 )
@@ -59,21 +59,13 @@ func (fuzzInterval) Invalidate(in *notifier.Interval, _ *notifier.Range, seq uin
 // consistent reverse maps, a silent checker, and every frame and device
 // page back once the MMs exit.
 func FuzzDeviceMemory(f *testing.F) {
-	seed := func(op byte, a, b, c uint64) []byte {
-		buf := make([]byte, 25)
-		buf[0] = op
-		binary.LittleEndian.PutUint64(buf[1:], a)
-		binary.LittleEndian.PutUint64(buf[9:], b)
-		binary.LittleEndian.PutUint64(buf[17:], c)
-		return buf
-	}
 	const base = 0x1000_0000
-	f.Add(slices.Concat(seed(1, base, 4, 0), seed(2, base, base+4*gomm.PageSize, 1), seed(6, base, 0, 0)))
-	f.Add(slices.Concat(seed(1, base, 4, 0), seed(3, base+8, 0, 0), seed(4, base, base+2*gomm.PageSize, 3)))
-	f.Add(slices.Concat(seed(1, base, 4, 0), seed(2, base, base+4*gomm.PageSize, 1), seed(5, 0, 0, 0),
-		seed(2, base, base+4*gomm.PageSize, 2)))
-	f.Add(slices.Concat(seed(0, 0x4000, 7, 0), seed(1, base, 8, 0), seed(2, base+gomm.PageSize, base+1, 1)))
-	f.Add(slices.Concat(seed(1, base, 4, 0), seed(7, base, 2*gomm.PageSize, 0), seed(2, base, base+4*gomm.PageSize, 1)))
+	f.Add(slices.Concat(fuzzStep(1, base, 4, 0), fuzzStep(2, base, base+4*gomm.PageSize, 1), fuzzStep(6, base, 0, 0)))
+	f.Add(slices.Concat(fuzzStep(1, base, 4, 0), fuzzStep(3, base+8, 0, 0), fuzzStep(4, base, base+2*gomm.PageSize, 3)))
+	f.Add(slices.Concat(fuzzStep(1, base, 4, 0), fuzzStep(2, base, base+4*gomm.PageSize, 1), fuzzStep(5, 0, 0, 0),
+		fuzzStep(2, base, base+4*gomm.PageSize, 2)))
+	f.Add(slices.Concat(fuzzStep(0, 0x4000, 7, 0), fuzzStep(1, base, 8, 0), fuzzStep(2, base+gomm.PageSize, base+1, 1)))
+	f.Add(slices.Concat(fuzzStep(1, base, 4, 0), fuzzStep(7, base, 2*gomm.PageSize, 0), fuzzStep(2, base, base+4*gomm.PageSize, 1)))
 	f.Fuzz(deviceFuzzBody)
 }
 
@@ -93,12 +85,11 @@ func deviceFuzzBody(t *testing.T, prog []byte) {
 	cpu := m.CPU(0)
 	cpu.Switch(mm.NewTask("fuzz"))
 	var in *notifier.Interval
-	for len(prog) >= 25 {
-		op := prog[0] % 8
-		a := binary.LittleEndian.Uint64(prog[1:])
-		b := binary.LittleEndian.Uint64(prog[9:])
-		c := binary.LittleEndian.Uint64(prog[17:])
-		prog = prog[25:]
+	for len(prog) >= fuzzStepSize {
+		var op byte
+		var a, b, c uint64
+		op, a, b, c, prog = nextFuzzStep(prog)
+		op %= 8
 		before, rss := mm.VMAs(), mm.RSS()
 		var err error
 		mutates := false
@@ -185,16 +176,8 @@ func deviceFuzzBody(t *testing.T, prog []byte) {
 			t.Fatal(err)
 		}
 	}
-	if err := mm.Exit(); err != nil {
-		t.Fatal(err)
-	}
-	if free := m.RAM().Stats().Free; free != 255 {
-		t.Fatalf("%d frames free after exit", free)
-	}
+	mmtest.ExitAndCheck(t, m, mm)
 	if n := dev.pm.InUse(); n != 0 {
 		t.Fatalf("%d device pages in use after exit", n)
-	}
-	if v, n := m.Violations(); n > 0 {
-		t.Fatalf("checker: %v", v[0])
 	}
 }

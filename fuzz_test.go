@@ -20,28 +20,41 @@ func typed(err error) bool {
 	return ok
 }
 
+// A fuzz program is a run of steps, each an operation byte and three
+// 64-bit arguments.
+const fuzzStepSize = 25
+
+// fuzzStep encodes one step, for seeds.
+func fuzzStep(op byte, a, b, c uint64) []byte {
+	buf := make([]byte, fuzzStepSize)
+	buf[0] = op
+	binary.LittleEndian.PutUint64(buf[1:], a)
+	binary.LittleEndian.PutUint64(buf[9:], b)
+	binary.LittleEndian.PutUint64(buf[17:], c)
+	return buf
+}
+
+// nextFuzzStep decodes the first step of prog (at least fuzzStepSize
+// bytes) and returns the rest.
+func nextFuzzStep(prog []byte) (op byte, a, b, c uint64, rest []byte) {
+	return prog[0], binary.LittleEndian.Uint64(prog[1:]), binary.LittleEndian.Uint64(prog[9:]),
+		binary.LittleEndian.Uint64(prog[17:]), prog[fuzzStepSize:]
+}
+
 // FuzzSyscalls drives every MM entry point, and the file, reclaim, KSM
 // and migration ones, with arbitrary arguments: no panic, only errno
 // errors, an address space unchanged by any call that fails, consistent
 // reverse maps, and a silent checker.
 func FuzzSyscalls(f *testing.F) {
-	seed := func(op byte, a, b, c uint64) []byte {
-		buf := make([]byte, 25)
-		buf[0] = op
-		binary.LittleEndian.PutUint64(buf[1:], a)
-		binary.LittleEndian.PutUint64(buf[9:], b)
-		binary.LittleEndian.PutUint64(buf[17:], c)
-		return buf
-	}
-	f.Add(seed(0, 0x10000000, 0x3000, 0x22_0003))
-	f.Add(append(seed(0, 0, 0x2000, 0x8022_0003), seed(2, 0x10000000, 0x1000, 1)...))
-	f.Add(append(seed(0, 0x10000000, 0x4000, 0x32_0003), seed(4, 0x10000000, 0x4000, 0x1_0000_2000)...))
-	f.Add(seed(5, 0x7fff_ffff_0000, 0x2000000, 0))
-	f.Add(append(seed(9, 0x10000000, 0x3000, 0x11_0003), seed(12, 0x2000, 9, 0)...))
-	f.Add(append(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(3, 0x10000000, 0x4000, 12)...), seed(13, 0, 64, 1)...))
-	f.Add(append(seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(11, 0x10000000, 0, 0)...))
-	f.Add(slices.Concat(seed(16, 7, 64, 1), seed(0, 0x10000000, 0x4000, 0x8032_0003), seed(15, 0, 0, 0), seed(17, 0x10000000, 1, 0)))
-	f.Add(slices.Concat(seed(14, 0x10000000, 0x4000, 0), seed(18, 0x3000, 0x2000, 0x1800)))
+	f.Add(fuzzStep(0, 0x10000000, 0x3000, 0x22_0003))
+	f.Add(append(fuzzStep(0, 0, 0x2000, 0x8022_0003), fuzzStep(2, 0x10000000, 0x1000, 1)...))
+	f.Add(append(fuzzStep(0, 0x10000000, 0x4000, 0x32_0003), fuzzStep(4, 0x10000000, 0x4000, 0x1_0000_2000)...))
+	f.Add(fuzzStep(5, 0x7fff_ffff_0000, 0x2000000, 0))
+	f.Add(append(fuzzStep(9, 0x10000000, 0x3000, 0x11_0003), fuzzStep(12, 0x2000, 9, 0)...))
+	f.Add(append(append(fuzzStep(0, 0x10000000, 0x4000, 0x8032_0003), fuzzStep(3, 0x10000000, 0x4000, 12)...), fuzzStep(13, 0, 64, 1)...))
+	f.Add(append(fuzzStep(0, 0x10000000, 0x4000, 0x8032_0003), fuzzStep(11, 0x10000000, 0, 0)...))
+	f.Add(slices.Concat(fuzzStep(16, 7, 64, 1), fuzzStep(0, 0x10000000, 0x4000, 0x8032_0003), fuzzStep(15, 0, 0, 0), fuzzStep(17, 0x10000000, 1, 0)))
+	f.Add(slices.Concat(fuzzStep(14, 0x10000000, 0x4000, 0), fuzzStep(18, 0x3000, 0x2000, 0x1800)))
 	f.Fuzz(func(t *testing.T, prog []byte) {
 		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 256, SwapSlots: 64, Check: true})
 		if err != nil {
@@ -54,12 +67,11 @@ func FuzzSyscalls(f *testing.F) {
 		mm := m.NewMM()
 		cpu := m.CPU(0)
 		cpu.Switch(mm.NewTask("fuzz"))
-		for len(prog) >= 25 {
-			op := prog[0] % 19
-			a := binary.LittleEndian.Uint64(prog[1:])
-			b := binary.LittleEndian.Uint64(prog[9:])
-			c := binary.LittleEndian.Uint64(prog[17:])
-			prog = prog[25:]
+		for len(prog) >= fuzzStepSize {
+			var op byte
+			var a, b, c uint64
+			op, a, b, c, prog = nextFuzzStep(prog)
+			op %= 19
 			before, rss := mm.VMAs(), mm.RSS()
 			var err error
 			mutates := true

@@ -6,6 +6,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 )
 
 // FuzzContextAccess gives the chip arbitrary sizes and modes and a
@@ -16,10 +17,7 @@ func FuzzContextAccess(f *testing.F) {
 	f.Add(0, uint8(1), uint64(0x1000_0008), uint64(1), false)
 	f.Add(4, uint8(9), uint64(gomm.TaskSize), uint64(0), true)
 	f.Fuzz(func(t *testing.T, entries int, mode uint8, va, v uint64, store bool) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 128, Check: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := mmtest.Machine(t, gomm.Config{CPUs: 1, Frames: 128})
 		chip, err := New(m, entries%1024, Mode(mode))
 		if err != nil {
 			if _, ok := errno.Of(err); !ok {
@@ -30,10 +28,7 @@ func FuzzContextAccess(f *testing.F) {
 			}
 		}
 		mm := m.NewMM()
-		if _, err := mm.Mmap(0x1000_0000, 4*PageSize, gomm.ProtRead|gomm.ProtWrite,
-			gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed); err != nil {
-			t.Fatal(err)
-		}
+		mmtest.MapAnon(t, mm, 0x1000_0000, 4, 0)
 		x, err := chip.Open(context.Background(), mm)
 		if err != nil {
 			t.Fatal(err)
@@ -52,14 +47,6 @@ func FuzzContextAccess(f *testing.F) {
 			t.Fatal(err)
 		}
 		chip.Close()
-		if err := mm.Exit(); err != nil {
-			t.Fatal(err)
-		}
-		if free := m.RAM().Stats().Free; free != 127 {
-			t.Fatalf("%d frames free after exit", free)
-		}
-		if v, n := m.Violations(); n > 0 {
-			t.Fatalf("checker: %v", v[0])
-		}
+		mmtest.ExitAndCheck(t, m, mm)
 	})
 }

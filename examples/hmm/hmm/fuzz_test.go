@@ -5,6 +5,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 )
 
 // FuzzMirror drives every mirror operation with arbitrary addresses,
@@ -16,19 +17,13 @@ func FuzzMirror(f *testing.F) {
 	f.Add(uint8(4), uint64(0x1000_0008), uint64(PageSize), uint16(1))
 	f.Add(uint8(6), uint64(0), uint64(1<<46), uint16(3))
 	f.Fuzz(func(t *testing.T, op uint8, addr, length uint64, n uint16) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 128, Check: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := mmtest.Machine(t, gomm.Config{CPUs: 1, Frames: 128})
 		dev, err := NewDevice(m, 8)
 		if err != nil {
 			t.Fatal(err)
 		}
 		mm := m.NewMM()
-		if _, err := mm.Mmap(0x1000_0000, 4*PageSize, gomm.ProtRead|gomm.ProtWrite,
-			gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed|gomm.MapPopulate); err != nil {
-			t.Fatal(err)
-		}
+		mmtest.MapAnon(t, mm, 0x1000_0000, 4, gomm.MapPopulate)
 		mi, err := dev.Open(mm)
 		if err != nil {
 			t.Fatal(err)
@@ -59,17 +54,9 @@ func FuzzMirror(f *testing.F) {
 		if err := mi.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if err := mm.Exit(); err != nil {
-			t.Fatal(err)
-		}
-		if free := m.RAM().Stats().Free; free != 127 {
-			t.Fatalf("%d frames free after exit", free)
-		}
+		mmtest.ExitAndCheck(t, m, mm)
 		if n := dev.Pagemap().InUse(); n != 0 {
 			t.Fatalf("%d device pages in use after exit", n)
-		}
-		if v, n := m.Violations(); n > 0 {
-			t.Fatalf("checker: %v", v[0])
 		}
 	})
 }

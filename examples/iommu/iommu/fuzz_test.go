@@ -7,6 +7,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 )
 
 // FuzzDMA binds a device with arbitrary IOTLB sizes and modes and sends
@@ -17,13 +18,10 @@ func FuzzDMA(f *testing.F) {
 	f.Add(-1, uint8(0), uint64(0x1000_0004), uint64(1), false)
 	f.Add(4, uint8(7), uint64(0x2000_0000), uint64(0), true)
 	f.Fuzz(func(t *testing.T, entries int, mode uint8, va, v uint64, write bool) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 128, Check: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := mmtest.Machine(t, gomm.Config{CPUs: 1, Frames: 128})
 		mm := m.NewMM()
-		if _, err := mm.Mmap(0x1000_0000, 4*PageSize, gomm.ProtRead,
-			gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed); err != nil {
+		mmtest.MapAnon(t, mm, 0x1000_0000, 4, 0)
+		if err := mm.Mprotect(0x1000_0000, 4*PageSize, gomm.ProtRead); err != nil {
 			t.Fatal(err)
 		}
 		ctx := context.Background()
@@ -53,14 +51,6 @@ func FuzzDMA(f *testing.F) {
 		if err := d.Unbind(); err != nil {
 			t.Fatal(err)
 		}
-		if err := mm.Exit(); err != nil {
-			t.Fatal(err)
-		}
-		if free := m.RAM().Stats().Free; free != 127 {
-			t.Fatalf("%d frames free after exit", free)
-		}
-		if v, n := m.Violations(); n > 0 {
-			t.Fatalf("checker: %v", v[0])
-		}
+		mmtest.ExitAndCheck(t, m, mm)
 	})
 }

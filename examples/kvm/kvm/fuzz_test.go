@@ -7,6 +7,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 )
 
 // FuzzGuestAccess gives the VM arbitrary memslots and guest addresses:
@@ -18,15 +19,9 @@ func FuzzGuestAccess(f *testing.F) {
 	f.Add(uint64(1<<47-PageSize), uint64(2*PageSize), uint64(0x1000_0000), uint64(1<<47), uint64(0), true)
 	f.Add(uint64(0), uint64(1<<40), uint64(1<<46), uint64(3), uint64(0), false)
 	f.Fuzz(func(t *testing.T, gpa, size, hva, addr, v uint64, store bool) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 128, Check: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := mmtest.Machine(t, gomm.Config{CPUs: 1, Frames: 128})
 		mm := m.NewMM()
-		if _, err := mm.Mmap(0x1000_0000, 4*PageSize, gomm.ProtRead|gomm.ProtWrite,
-			gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed); err != nil {
-			t.Fatal(err)
-		}
+		mmtest.MapAnon(t, mm, 0x1000_0000, 4, 0)
 		vm, err := New(context.Background(), m, mm)
 		if err != nil {
 			t.Fatal(err)
@@ -58,14 +53,6 @@ func FuzzGuestAccess(f *testing.F) {
 		if err := vm.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if err := mm.Exit(); err != nil {
-			t.Fatal(err)
-		}
-		if free := m.RAM().Stats().Free; free != 127 {
-			t.Fatalf("%d frames free after exit", free)
-		}
-		if v, n := m.Violations(); n > 0 {
-			t.Fatalf("checker: %v", v[0])
-		}
+		mmtest.ExitAndCheck(t, m, mm)
 	})
 }

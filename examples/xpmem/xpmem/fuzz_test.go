@@ -7,6 +7,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 )
 
 // FuzzSegment exports arbitrary ranges and reads arbitrary offsets: no
@@ -18,15 +19,9 @@ func FuzzSegment(f *testing.F) {
 	f.Add(uint64(0x1000_0000), uint64(1<<40), uint64(1<<39))
 	f.Add(uint64(gomm.TaskSize-PageSize), uint64(2*PageSize), uint64(4))
 	f.Fuzz(func(t *testing.T, start, length, off uint64) {
-		m, err := gomm.NewMachine(gomm.Config{CPUs: 1, Frames: 128, Check: true})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := mmtest.Machine(t, gomm.Config{CPUs: 1, Frames: 128})
 		mm := m.NewMM()
-		if _, err := mm.Mmap(0x1000_0000, 4*PageSize, gomm.ProtRead|gomm.ProtWrite,
-			gomm.MapPrivate|gomm.MapAnonymous|gomm.MapFixed); err != nil {
-			t.Fatal(err)
-		}
+		mmtest.MapAnon(t, mm, 0x1000_0000, 4, 0)
 		seg, err := Export(context.Background(), m, mm, start, length, NewLink(0))
 		if err != nil {
 			if _, ok := errno.Of(err); !ok {
@@ -45,14 +40,6 @@ func FuzzSegment(f *testing.F) {
 		if err := seg.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if err := mm.Exit(); err != nil {
-			t.Fatal(err)
-		}
-		if free := m.RAM().Stats().Free; free != 127 {
-			t.Fatalf("%d frames free after exit", free)
-		}
-		if v, n := m.Violations(); n > 0 {
-			t.Fatalf("checker: %v", v[0])
-		}
+		mmtest.ExitAndCheck(t, m, mm)
 	})
 }
