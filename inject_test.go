@@ -151,6 +151,10 @@ func TestMlockOutOfMemory(t *testing.T) {
 	require.NoError(t, m.SetInjection(gomm.Injection{}))
 	require.ErrorIs(t, err, gomm.ErrAgain)
 	assert.False(t, errors.Is(err, gomm.ErrNoMem), "the kernel says EAGAIN, not ENOMEM")
+	assert.True(t, mm.VMAs()[0].Locked, "the range stays locked")
+	require.Positive(t, mm.RSS(), "some pages were faulted in")
+	st := m.Stats().LRU
+	assert.Zero(t, st.Inactive+st.Active, "the pages faulted in are mlocked: off the LRU")
 	require.NoError(t, mm.Mlock(addr, 16*page), "a retry finishes the job")
 	m.Reclaim(256)
 	m.Reclaim(256)
