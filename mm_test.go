@@ -325,3 +325,16 @@ func TestMprotectOfPartOfAHugeLeafFailsCleanly(t *testing.T) {
 	require.NoError(t, cpu.Store64(addr+page, 1), "the rest of the leaf is still writable")
 	cpu.Switch(tlbIdle())
 }
+
+// TestExitLeavesNoGatherPending: exit's teardown runs one gather, and
+// finishes it; a second, abandoned one left tlb_flush_pending raised.
+func TestExitLeavesNoGatherPending(t *testing.T) {
+	m := newMachine(t, gomm.Config{})
+	mm := m.NewMM()
+	addr, err := mm.Mmap(0, 4*page, rw, anon)
+	require.NoError(t, err)
+	_, err = mm.WriteAt([]byte{1}, addr)
+	require.NoError(t, err)
+	require.NoError(t, mm.Exit())
+	assert.Zero(t, mm.Context().FlushPending())
+}

@@ -3,6 +3,7 @@ package gomm
 import (
 	"fmt"
 
+	"github.com/gomm-dev/gomm/mmugather"
 	"github.com/gomm-dev/gomm/notifier"
 
 	"github.com/gomm-dev/gomm/pagetable"
@@ -240,9 +241,11 @@ func (mm *MM) unmapLocked(start, end uint64) error {
 func (mm *MM) zapAndFree(vs []*vma, start, end uint64, fullMM bool) error {
 	r := mm.invalidateStart(start, end, notifier.EventUnmap)
 	defer mm.invalidateEnd(r)
-	g := newGather(mm)
+	var g *mmugather.Gather
 	if fullMM {
 		g = newFullGather(mm)
+	} else {
+		g = newGather(mm)
 	}
 	var err error
 	for _, v := range vs {

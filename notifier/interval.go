@@ -231,7 +231,9 @@ func (iv *intervals) invalidateStart(r *Range) error {
 		} else {
 			ok = in.ops.Invalidate(in, r, seq)
 		}
-		emit(iv.trace, t0, rangeCall(in.ops, CallIntervalInvalidate, r, !ok && !r.Blockable()))
+		if iv.trace != nil {
+			emit(iv.trace, t0, rangeCall(in.ops, CallIntervalInvalidate, r, !ok && !r.Blockable()))
+		}
 		if !ok && !r.Blockable() {
 			for _, f := range finishes {
 				f() // devices already flushing finish before we give up

@@ -332,7 +332,9 @@ func (l *List) Release() {
 		if s.rel != nil && !s.dead.Load() && !s.released.Swap(true) {
 			t0 := clock(l.trace)
 			s.rel.Release(l.mm)
-			emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallRelease, End: ^uint64(0), Event: EventRelease, Blockable: true})
+			if l.trace != nil {
+				emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallRelease, End: ^uint64(0), Event: EventRelease, Blockable: true})
+			}
 		}
 	}
 	l.srcu.ReadUnlock(tok)
@@ -397,7 +399,9 @@ func (l *List) InvalidateRangeStart(r *Range) error {
 		}
 		t0 := clock(l.trace)
 		err := s.inv.InvalidateRangeStart(r)
-		emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeStart, r, err != nil))
+		if l.trace != nil {
+			emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeStart, r, err != nil))
+		}
 		if err != nil {
 			if r.Blockable() {
 				// A blockable start may not fail. Like the kernel, carry
@@ -444,7 +448,9 @@ func (l *List) InvalidateRangeEnd(r *Range) {
 func (l *List) end(s *Subscription, r *Range) {
 	t0 := clock(l.trace)
 	s.inv.InvalidateRangeEnd(r)
-	emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeEnd, r, false))
+	if l.trace != nil {
+		emit(l.trace, t0, rangeCall(s.ops, CallInvalidateRangeEnd, r, false))
+	}
 }
 
 func rangeCall(ops any, c Callback, r *Range, refused bool) Call {
@@ -466,7 +472,9 @@ func (l *List) InvalidateSecondaryTLBs(start, end uint64) {
 		if !s.dead.Load() {
 			t0 := clock(l.trace)
 			s.tlbs.InvalidateSecondaryTLBs(l.mm, start, end)
-			emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallInvalidateSecondaryTLBs, Start: start, End: end})
+			if l.trace != nil {
+				emit(l.trace, t0, Call{Subscriber: s.ops, Callback: CallInvalidateSecondaryTLBs, Start: start, End: end})
+			}
 		}
 	}
 	l.srcu.ReadUnlock(tok)
@@ -512,7 +520,9 @@ func (l *List) age(c Callback, start, end uint64, ask func(*Subscription) bool) 
 		if ask(s) {
 			young = true // every subscriber is asked: each clears its own state
 		}
-		emit(l.trace, t0, Call{Subscriber: s.ops, Callback: c, Start: start, End: end})
+		if l.trace != nil {
+			emit(l.trace, t0, Call{Subscriber: s.ops, Callback: c, Start: start, End: end})
+		}
 	}
 	return young
 }

@@ -50,19 +50,3 @@ func (n *StableNode) Forget(space Space, addr uint64, mapped func(v *VMA, addr u
 		return !reached
 	})
 }
-
-// Remove forgets the place (space, addr); it reports whether it was
-// there. The caller holds the KSM page's lock.
-func (n *StableNode) Remove(space Space, addr uint64) bool {
-	for i, it := range n.items {
-		if it.Space == space && it.Addr == addr {
-			n.items = append(n.items[:i], n.items[i+1:]...)
-			return true
-		}
-	}
-	return false
-}
-
-// Items returns the places the page is mapped. The caller holds the KSM
-// page's lock.
-func (n *StableNode) Items() []KSMItem { return n.items }

@@ -249,16 +249,21 @@ func (c *Checker) Report(v Violation) {
 	if c == nil {
 		return
 	}
-	if v.Stack == "" {
-		v.Stack = string(debug.Stack())
-	}
 	c.mu.Lock()
 	c.total++
-	if len(c.violations) < maxRecorded {
-		c.violations = append(c.violations, v)
-	}
 	h := c.handler
+	record := len(c.violations) < maxRecorded
 	c.mu.Unlock()
+	if v.Stack == "" && (record || h != nil) {
+		v.Stack = string(debug.Stack())
+	}
+	if record {
+		c.mu.Lock()
+		if len(c.violations) < maxRecorded {
+			c.violations = append(c.violations, v)
+		}
+		c.mu.Unlock()
+	}
 	if h != nil {
 		h(v)
 	}

@@ -37,7 +37,7 @@ func (mi *Mirror) MigrateToDevice(addr, length uint64) (int, error) {
 	n, err := mi.migrate(addr, end, a, func(op *ownOp) {
 		a.Migrated = func(p gomm.MigratedPage) {
 			mi.mu.Lock()
-			if !op.invalidated && !mi.in.ReadRetry(op.seq) {
+			if !mi.in.ReadRetry(op.seq) { // covers invalidated: whatever sets it also sets the seq
 				mi.setLocked(p.Addr/PageSize, entry{pfn: uint64(p.Dst.PFN()), write: p.Writable})
 			}
 			mi.mu.Unlock()

@@ -108,8 +108,10 @@ func Bind(ctx context.Context, m *gomm.Machine, mm *gomm.MM, entries int, mode M
 // Unbind detaches the device (iommu_sva_unbind_device): its IOTLB is
 // flushed and it is told nothing more.
 func (d *Device) Unbind() error {
-	err := d.mm.UnregisterNotifier(d.sub)
-	d.block()
+	err := d.mm.UnregisterNotifier(d.sub) // runs Release, which blocks the device, unless it ran
+	if err != nil {
+		d.block()
+	}
 	d.unregisterCache()
 	return err
 }
