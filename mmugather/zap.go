@@ -40,12 +40,20 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 		full := false
 		rerr := table.Range(start, end, pagetable.RangeFuncs{
 			PTEs: func(pt pagetable.PTETable, first, last int) bool {
-				for i := first; i < last; i++ {
-					if pt.Get(i).IsNone() {
-						continue
+				// The run's cleared entries are recorded once, as one
+				// range, when the loop ends (tlb_remove_tlb_entry per
+				// entry only widens the same range).
+				lo, hi := uint64(0), uint64(0)
+				defer func() {
+					if hi != 0 {
+						g.track(lo, hi, pagetable.PageShift)
 					}
-					old := pt.GetAndClear(i)
-					g.RemovePTE(pt.VA(i))
+				}()
+				for i, old := range pt.GetAndClearRange(first, last) {
+					if hi == 0 {
+						lo = pt.VA(i)
+					}
+					hi = pt.VA(i + 1)
 					if old.IsPresent() {
 						st.Present++
 					} else {

@@ -1,6 +1,9 @@
 package pagetable
 
-import "fmt"
+import (
+	"fmt"
+	"iter"
+)
 
 // PTETable is one PTE table with its split lock held: what
 // pte_offset_map_lock returns. Entries are addressed by index 0..511;
@@ -53,6 +56,36 @@ func (p PTETable) GetAndClear(i int) PTE {
 	}
 	p.account(old, 0)
 	return old
+}
+
+// GetAndClearRange empties the entries of [first, last) that are not
+// none, in order, yielding each index with what it held (GetAndClear over
+// a whole run of one table, as zap_pte_range clears under one lock). It
+// is the range operations' cursor: one bounds check and one update of
+// the table's count for the run, not one per entry. Breaking out of the
+// loop leaves the entries after the last one yielded untouched. Count is
+// brought up to date when the loop ends, not while it runs.
+func (p PTETable) GetAndClearRange(first, last int) iter.Seq2[int, PTE] {
+	return func(yield func(int, PTE) bool) {
+		run := p.page[first:last:last]
+		var cleared uint16
+		for j := range run {
+			if run[j].Load() == 0 {
+				continue
+			}
+			var old PTE
+			if testNonAtomicClear {
+				old = p.racyClear(first + j)
+			} else {
+				old = PTE(run[j].Swap(0))
+			}
+			cleared++
+			if !yield(first+j, old) {
+				break
+			}
+		}
+		p.pmd.nr[p.slot] -= cleared
+	}
 }
 
 // testNonAtomicClear switches GetAndClear to a read followed by a separate

@@ -200,11 +200,7 @@ func (t *Table) UnmapRange(start, end uint64, fn func(va uint64, old PTE)) (int,
 	var splitErr error
 	err := t.Range(start, end, RangeFuncs{
 		PTEs: func(pt PTETable, first, last int) bool {
-			for i := first; i < last; i++ {
-				if pt.page[i].Load() == 0 {
-					continue
-				}
-				old := pt.GetAndClear(i)
+			for i, old := range pt.GetAndClearRange(first, last) {
 				n++
 				if fn != nil {
 					fn(pt.VA(i), old)

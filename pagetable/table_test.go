@@ -2,6 +2,7 @@ package pagetable
 
 import (
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/gomm-dev/gomm/errno"
@@ -545,5 +546,48 @@ func TestDepositedTable(t *testing.T) {
 	assert.Zero(t, tb.Stats().PTETables)
 	for _, f := range freed {
 		f.Poison()
+	}
+}
+
+func TestGetAndClearRange(t *testing.T) {
+	tests := []struct {
+		name        string
+		mapped      []int // indices mapped before the loop
+		first, last int
+		stopAfter   int // entries the loop takes before breaking; -1 never
+		wantYielded []int
+		wantCount   int // entries left in the table
+	}{
+		{"whole table", []int{0, 7, 511}, 0, Entries, -1, []int{0, 7, 511}, 0},
+		{"part of the table", []int{0, 7, 8, 511}, 7, 9, -1, []int{7, 8}, 2},
+		{"empty run", []int{0, 511}, 1, 511, -1, nil, 2},
+		{"break keeps the rest", []int{1, 2, 3, 4}, 0, Entries, 2, []int{1, 2}, 2},
+		{"break on the last", []int{1, 2}, 0, Entries, 2, []int{1, 2}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tb := New(Options{})
+			for _, i := range tt.mapped {
+				require.NoError(t, tb.Map(uint64(i)<<PageShift, NewPTE(uint64(100+i), Write)))
+			}
+			pt, ok, err := tb.LockPTE(0)
+			require.NoError(t, err)
+			require.True(t, ok)
+			var yielded []int
+			for i, old := range pt.GetAndClearRange(tt.first, tt.last) {
+				assert.Equal(t, uint64(100+i), old.PFN(), "entry %d", i)
+				yielded = append(yielded, i)
+				if len(yielded) == tt.stopAfter {
+					break
+				}
+			}
+			assert.Equal(t, tt.wantYielded, yielded)
+			assert.Equal(t, tt.wantCount, pt.Count())
+			for _, i := range tt.mapped {
+				cleared := slices.Contains(yielded, i)
+				assert.Equal(t, cleared, pt.Get(i).IsNone(), "entry %d", i)
+			}
+			pt.Unlock()
+		})
 	}
 }
