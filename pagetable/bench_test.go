@@ -7,13 +7,12 @@ import (
 	"github.com/gomm-dev/gomm/internal/testmain"
 )
 
-// The benchmarks work on 1 GiB of address space: 2^18 4 KiB pages or 512
-// 2 MiB leaves. Per-page figures are reported as ns/page.
+// The 4 KiB page walks, maps and unmaps are scenario benchmarks in
+// benchmarks/; these are the 2 MiB-leaf paths and the ones that need the
+// package's insides. They work on 1 GiB of address space (512 leaves)
+// unless they say otherwise.
 
-const (
-	benchSpan  = 1 << 30
-	benchPages = benchSpan >> PageShift
-)
+const benchSpan = 1 << 30
 
 // randomVAs returns addresses spread at random over [0, span), each with
 // a random offset inside its page.
@@ -26,20 +25,9 @@ func randomVAs(span uint64, n int) []uint64 {
 	return vas
 }
 
-func mappedTable(b *testing.B, huge bool) *Table {
+func mappedHuge(b *testing.B, span uint64) *Table {
 	b.Helper()
 	testmain.WithoutLockdep(b)
-	if huge {
-		return mappedHuge(b, benchSpan)
-	}
-	tb := New(Options{})
-	if err := tb.MapRange(0, benchSpan, NewPTE(0, Write|User|Accessed|Dirty)); err != nil {
-		b.Fatal(err)
-	}
-	return tb
-}
-
-func mappedHuge(b *testing.B, span uint64) *Table {
 	tb := New(Options{})
 	for va := uint64(0); va < span; va += HugeSize {
 		if err := tb.MapHuge(va, NewPTE(va>>PageShift, Write|User|Accessed|Dirty)); err != nil {
@@ -49,8 +37,10 @@ func mappedHuge(b *testing.B, span uint64) *Table {
 	return tb
 }
 
-func benchLookup(b *testing.B, huge bool) {
-	tb := mappedTable(b, huge)
+// BenchmarkLookupHuge: Lookup at random addresses over 1 GiB of 2 MiB
+// leaves.
+func BenchmarkLookupHuge(b *testing.B) {
+	tb := mappedHuge(b, benchSpan)
 	vas := randomVAs(benchSpan, 1<<16)
 	b.ReportAllocs()
 	i := 0
@@ -62,31 +52,19 @@ func benchLookup(b *testing.B, huge bool) {
 	}
 }
 
-// BenchmarkLookup: a mapped 4 KiB page at a random address over 1 GiB.
-func BenchmarkLookup(b *testing.B) { benchLookup(b, false) }
-
-// BenchmarkLookupHuge: the same over 2 MiB leaves.
-func BenchmarkLookupHuge(b *testing.B) { benchLookup(b, true) }
-
-func benchWalk(b *testing.B, huge bool, acc Access) {
-	tb := mappedTable(b, huge)
+// BenchmarkWalkHuge: the hardware walker over the same leaves, already
+// young.
+func BenchmarkWalkHuge(b *testing.B) {
+	tb := mappedHuge(b, benchSpan)
 	vas := randomVAs(benchSpan, 1<<16)
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		if tr := tb.Walk(vas[i&(len(vas)-1)], acc); tr.Fault != FaultNone {
+		if tr := tb.Walk(vas[i&(len(vas)-1)], AccessRead|AccessUser); tr.Fault != FaultNone {
 			b.Fatal(tr.Fault)
 		}
 		i++
 	}
-}
-
-// BenchmarkWalkLockless: the hardware walker, random addresses over 1 GiB,
-// entries already young (the steady state, no compare-and-swap).
-func BenchmarkWalkLockless(b *testing.B) {
-	b.Run("read", func(b *testing.B) { benchWalk(b, false, AccessRead|AccessUser) })
-	b.Run("write", func(b *testing.B) { benchWalk(b, false, AccessWrite|AccessUser) })
-	b.Run("huge", func(b *testing.B) { benchWalk(b, true, AccessRead|AccessUser) })
 }
 
 // BenchmarkWalkSetsAccessed: every walk finds the entry old and sets
@@ -136,34 +114,11 @@ func perPage(b *testing.B, pages int, setup func() *Table, op func(*Table)) {
 // iteration is long enough to make stopping the timer for setup cheap.
 const hugeSpan = 64 << 30
 
-// BenchmarkMap: 2^18 sequential 4 KiB pages, one Map call each (split PT
-// lock taken and released per page), tables allocated on demand.
-func BenchmarkMap(b *testing.B) {
-	perPage(b, benchPages, nil, func(tb *Table) {
-		for va := uint64(0); va < benchSpan; va += PageSize {
-			if err := tb.Map(va, NewPTE(va>>PageShift, Write|User)); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
 // BenchmarkMapHuge: 32768 sequential 2 MiB leaves, reported per leaf.
 func BenchmarkMapHuge(b *testing.B) {
 	perPage(b, hugeSpan/HugeSize, nil, func(tb *Table) {
 		for va := uint64(0); va < hugeSpan; va += HugeSize {
 			if err := tb.MapHuge(va, NewPTE(va>>PageShift, Write|User)); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
-// BenchmarkUnmap: 2^18 sequential 4 KiB pages, one Unmap call each.
-func BenchmarkUnmap(b *testing.B) {
-	perPage(b, benchPages, func() *Table { return mappedTable(b, false) }, func(tb *Table) {
-		for va := uint64(0); va < benchSpan; va += PageSize {
-			if _, err := tb.Unmap(va); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -177,29 +132,6 @@ func BenchmarkUnmapHuge(b *testing.B) {
 			if _, err := tb.UnmapHuge(va); err != nil {
 				b.Fatal(err)
 			}
-		}
-	})
-}
-
-// BenchmarkMapRange: one MapRange call over 1 GiB, per page. Its B/op is
-// the table memory needed to map 1 GiB with 4 KiB pages; table-MiB/GiB
-// reports the same from the table's own accounting.
-func BenchmarkMapRange(b *testing.B) {
-	var bytes int64
-	perPage(b, benchPages, nil, func(tb *Table) {
-		if err := tb.MapRange(0, benchSpan, NewPTE(0, Write|User)); err != nil {
-			b.Fatal(err)
-		}
-		bytes = tb.TableBytes()
-	})
-	b.ReportMetric(float64(bytes)/(1<<20), "table-MiB/GiB")
-}
-
-// BenchmarkUnmapRange: one UnmapRange call over 1 GiB populated, per page.
-func BenchmarkUnmapRange(b *testing.B) {
-	perPage(b, benchPages, func() *Table { return mappedTable(b, false) }, func(tb *Table) {
-		if n, err := tb.UnmapRange(0, benchSpan, nil); err != nil || n != benchPages {
-			b.Fatal(n, err)
 		}
 	})
 }

@@ -1,4 +1,4 @@
-package gomm_test
+package benchmarks
 
 import (
 	"context"
@@ -20,6 +20,14 @@ type agingOnly struct{}
 func (agingOnly) ClearYoung(notifier.MM, uint64, uint64) bool { return false }
 func (agingOnly) Release(notifier.MM)                         {}
 
+func repeat(v any, n int) []any {
+	out := make([]any, n)
+	for i := range out {
+		out[i] = v
+	}
+	return out
+}
+
 // BenchmarkMunmapNotifiers: munmap of 512 populated pages with 0, 1 and 8
 // start/end subscribers, and with 8 that implement nothing munmap calls
 // (which must cost what 0 costs).
@@ -33,59 +41,67 @@ func BenchmarkMunmapNotifiers(b *testing.B) {
 		{"8", repeat(nopInvalidator{}, 8)},
 		{"8-irrelevant", repeat(agingOnly{}, 8)},
 	}
+	const size = 512 * page
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
-			m := benchMachine(b, gomm.Config{CPUs: 2, Frames: 4096})
+			m := newMachine(b, gomm.Config{CPUs: 2, Frames: 4096})
 			mm := m.NewMM()
 			for _, s := range tc.subs {
-				if _, err := mm.RegisterNotifier(context.Background(), s); err != nil {
-					b.Fatal(err)
-				}
+				_, err := mm.RegisterNotifier(context.Background(), s)
+				must(b, err)
 			}
 			const rounds = 50 // per iteration: a stable figure from few iterations
 			for b.Loop() {
 				for range rounds {
-					b.StopTimer()
-					addr, err := mm.Mmap(0x1000_0000, 512*page, gomm.ProtRead|gomm.ProtWrite, anon|gomm.MapFixed|gomm.MapPopulate)
-					if err != nil {
-						b.Fatal(err)
-					}
-					b.StartTimer()
-					if err := mm.Munmap(addr, 512*page); err != nil {
-						b.Fatal(err)
-					}
+					var addr uint64
+					untimed(b, func() { addr = populated(b, mm, size) })
+					must(b, mm.Munmap(addr, size))
 				}
 			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*rounds)/512, "ns/page")
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*rounds)/(size/page), "ns/page")
 		})
 	}
 }
 
-func repeat(v any, n int) []any {
-	out := make([]any, n)
-	for i := range out {
-		out[i] = v
+type nopInterval struct{}
+
+func (nopInterval) Invalidate(in *notifier.Interval, _ *notifier.Range, seq uint64) bool {
+	in.SetSeq(seq)
+	return true
+}
+
+// BenchmarkIntervalReadBeginRetry: an interval notifier's read side when
+// nothing invalidates (a driver's fast path around each fault it
+// mirrors): ReadBegin, then ReadRetry.
+func BenchmarkIntervalReadBeginRetry(b *testing.B) {
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 1024})
+	mm := m.NewMM()
+	in, err := mm.InsertInterval(0x1000_0000, 1<<20, nopInterval{})
+	must(b, err)
+	b.ReportAllocs()
+	for b.Loop() {
+		if in.ReadRetry(in.ReadBegin()) {
+			b.Fatal("retry without an invalidation")
+		}
 	}
-	return out
 }
 
 // BenchmarkRegisterNotifier: Register on an MM with 1, 100 and 10,000
-// VMAs. Registration takes mmap_lock and TakeAll over the MM's rmap locks
-// (linear in them, no sort); anonymous memory without fork has none yet,
-// so the figure is the cost floor the reverse maps will add to.
+// populated VMAs. Registration takes mmap_lock and then every rmap lock
+// of the MM (mm_take_all_locks: each VMA's anon_vma root), so it grows
+// linearly with the VMAs, without a sort.
 func BenchmarkRegisterNotifier(b *testing.B) {
 	for _, n := range []int{1, 100, 10000} {
 		b.Run(fmt.Sprintf("vmas=%d", n), func(b *testing.B) {
-			m := benchMachine(b, gomm.Config{CPUs: 1, Frames: 1024})
+			m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(uint64(n) * page)})
 			mm := m.NewMM()
 			for i := range n {
 				prot := gomm.ProtRead
 				if i%2 == 1 {
-					prot |= gomm.ProtWrite // alternate so VMAs do not merge
+					prot |= gomm.ProtWrite // alternate, so that VMAs do not merge
 				}
-				if _, err := mm.Mmap(0x1000_0000+uint64(i)*page, page, prot, anon|gomm.MapFixed); err != nil {
-					b.Fatal(err)
-				}
+				_, err := mm.Mmap(0x1000_0000+uint64(i)*page, page, prot, anon|gomm.MapFixed|gomm.MapPopulate)
+				must(b, err)
 			}
 			if got := len(mm.VMAs()); got != n {
 				b.Fatalf("%d VMAs", got)
@@ -94,14 +110,8 @@ func BenchmarkRegisterNotifier(b *testing.B) {
 			for b.Loop() {
 				for range rounds {
 					s, err := mm.RegisterNotifier(context.Background(), nopInvalidator{})
-					if err != nil {
-						b.Fatal(err)
-					}
-					b.StopTimer()
-					if err := mm.UnregisterNotifier(s); err != nil {
-						b.Fatal(err)
-					}
-					b.StartTimer()
+					must(b, err)
+					untimed(b, func() { must(b, mm.UnregisterNotifier(s)) })
 				}
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*rounds), "ns/register")

@@ -1,4 +1,4 @@
-package gomm_test
+package benchmarks
 
 import (
 	"fmt"
@@ -13,18 +13,14 @@ import (
 func BenchmarkRmapWalk(b *testing.B) {
 	for _, depth := range []int{1, 4, 16, 64} {
 		b.Run(fmt.Sprintf("depth=%d", depth), func(b *testing.B) {
-			m := benchMachine(b, gomm.Config{CPUs: 1})
+			m := newMachine(b, gomm.Config{CPUs: 1})
 			mm := m.NewMM()
 			addr, err := mm.Mmap(0x1000_0000, page, rw, anon|gomm.MapFixed|gomm.MapPopulate)
-			if err != nil {
-				b.Fatal(err)
-			}
+			must(b, err)
 			chain := []*gomm.MM{mm}
 			for range depth {
 				c, err := chain[len(chain)-1].Fork()
-				if err != nil {
-					b.Fatal(err)
-				}
+				must(b, err)
 				chain = append(chain, c)
 			}
 			e, _ := mm.Table().Lookup(addr)
@@ -42,17 +38,32 @@ func BenchmarkRmapWalk(b *testing.B) {
 	}
 }
 
+// BenchmarkFork: fork of an MM with the size of written anonymous memory
+// (copy_page_range with anon_vma_fork), and the child's exit.
+func BenchmarkFork(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
+		mm := m.NewMM()
+		populated(b, mm, size)
+		b.ReportAllocs()
+		for b.Loop() {
+			child, err := mm.Fork()
+			must(b, err)
+			must(b, child.Exit())
+		}
+		perPage(b, size/page)
+		_ = mm.Exit()
+	})
+}
+
 // BenchmarkReclaimSwap: pages per second reclaimed to swap and faulted
 // back: each iteration swaps 2048 written pages out and reads them all
 // back in.
 func BenchmarkReclaimSwap(b *testing.B) {
 	const pages = 2048
-	m := benchMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages, SwapSlots: 2 * pages})
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages, SwapSlots: 2 * pages})
 	mm := m.NewMM()
-	addr, err := mm.Mmap(0, pages*page, rw, anon|gomm.MapPopulate)
-	if err != nil {
-		b.Fatal(err)
-	}
+	addr := populated(b, mm, pages*page)
 	buf := make([]byte, 8)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -60,61 +71,32 @@ func BenchmarkReclaimSwap(b *testing.B) {
 			b.Fatalf("reclaim freed only %d", st.Freed)
 		}
 		for va := addr; va < addr+pages*page; va += page {
-			if _, err := mm.ReadAt(buf, va); err != nil {
-				b.Fatal(err)
-			}
+			_, err := mm.ReadAt(buf, va)
+			must(b, err)
 		}
 	}
 	b.ReportMetric(float64(b.N*pages)/b.Elapsed().Seconds(), "pages/s")
 	_ = mm.Exit()
 }
 
-// BenchmarkFork1GiB: forking an MM with 1 GiB of written anonymous
-// memory (copy_page_range with anon_vma_fork), and the child's exit.
-func BenchmarkFork1GiB(b *testing.B) {
-	const size = 1 << 30
-	m := benchMachine(b, gomm.Config{CPUs: 1, Frames: size/page + 4096})
-	mm := m.NewMM()
-	if _, err := mm.Mmap(0, size, rw, anon|gomm.MapPopulate); err != nil {
-		b.Fatal(err)
-	}
-	b.ReportAllocs()
-	for b.Loop() {
-		child, err := mm.Fork()
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := child.Exit(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	_ = mm.Exit()
-}
-
-// BenchmarkKSMScan: the merger's throughput over page contents: each
-// iteration is one full pass over 1024 mergeable pages (half of them
+// BenchmarkKSMScan: the merger's throughput over page contents (MB/s):
+// each iteration is one full pass over 1024 mergeable pages (half of them
 // identical pairs already merged, half distinct), checksumming every page
 // and looking each up in the stable and unstable trees.
 func BenchmarkKSMScan(b *testing.B) {
 	const pages = 1024
-	m := benchMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
 	mm := m.NewMM()
-	addr, err := mm.Mmap(0, pages*page, rw, anon|gomm.MapPopulate)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := mm.Madvise(addr, pages*page, gomm.MadvMergeable); err != nil {
-		b.Fatal(err)
-	}
+	addr := populated(b, mm, pages*page)
+	must(b, mm.Madvise(addr, pages*page, gomm.MadvMergeable))
 	buf := make([]byte, 8)
 	for i := range uint64(pages) {
 		buf[0], buf[1] = byte(i/2), byte(i/2>>8)
 		if i >= pages/2 {
 			buf[2] = byte(i)
 		}
-		if _, err := mm.WriteAt(buf, addr+i*page); err != nil {
-			b.Fatal(err)
-		}
+		_, err := mm.WriteAt(buf, addr+i*page)
+		must(b, err)
 	}
 	m.KSMScan(2 * pages)
 	b.SetBytes(pages * page)
@@ -124,4 +106,32 @@ func BenchmarkKSMScan(b *testing.B) {
 	}
 	b.ReportMetric(float64(m.KSMStats().PagesSharing), "pages-sharing")
 	_ = mm.Exit()
+}
+
+// BenchmarkMovePages: migration of written anonymous pages to new frames
+// (move_pages: unmap to migration entries, copy, remap), per page.
+func BenchmarkMovePages(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		if size > 64<<20 {
+			b.Skip("each page's data is copied: 64 MiB shows the rate")
+		}
+		m := newMachine(b, gomm.Config{CPUs: 1, Frames: 2 * framesFor(size)})
+		mm := m.NewMM()
+		addr := populated(b, mm, size)
+		addrs := make([]uint64, size/page)
+		for i := range addrs {
+			addrs[i] = addr + uint64(i)*page
+			_, err := mm.WriteAt([]byte{byte(i)}, addrs[i])
+			must(b, err)
+		}
+		b.ReportAllocs()
+		for b.Loop() {
+			if n, err := mm.MovePages(addrs); err != nil || n != len(addrs) {
+				b.Fatal(n, err)
+			}
+		}
+		perPage(b, size/page)
+		b.ReportMetric(float64(b.N)*float64(len(addrs))/b.Elapsed().Seconds(), "pages/s")
+		_ = mm.Exit()
+	})
 }

@@ -1,0 +1,106 @@
+package benchmarks
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/pagetable"
+	"github.com/gomm-dev/gomm/tlb"
+)
+
+// BenchmarkFaultParallel: 1, 2, 4 and 8 CPUs of one MM, each a goroutine,
+// take write faults in disjoint 2 MiB regions of one 64 MiB VMA (CPU c
+// owns every region i with i mod CPUs = c), as the threads of one process
+// do. The work per iteration is the same for every count: pages/s is
+// the throughput to compare (this machine has two cores).
+func BenchmarkFaultParallel(b *testing.B) {
+	const (
+		size   = 64 << 20
+		region = 2 << 20
+	)
+	for _, n := range []int{1, 2, 4, 8} {
+		b.Run(fmt.Sprintf("cpus=%d", n), func(b *testing.B) {
+			m := newMachine(b, gomm.Config{CPUs: n, Frames: framesFor(size)})
+			mm := m.NewMM()
+			for _, c := range m.CPUs() {
+				c.Switch(mm.NewTask("bench"))
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				var addr uint64
+				untimed(b, func() {
+					var err error
+					addr, err = mm.Mmap(0, size, rw, anon)
+					must(b, err)
+				})
+				var wg sync.WaitGroup
+				for c, cpu := range m.CPUs() {
+					wg.Go(func() {
+						for r := addr + uint64(c)*region; r < addr+size; r += uint64(n) * region {
+							for va := r; va < r+region; va += page {
+								if err := cpu.Store64(va, va); err != nil {
+									b.Error(err)
+									return
+								}
+							}
+						}
+					})
+				}
+				wg.Wait()
+				untimed(b, func() { must(b, mm.Munmap(addr, size)) })
+			}
+			perPage(b, size/page)
+			b.ReportMetric(float64(b.N)*size/page/b.Elapsed().Seconds(), "pages/s")
+		})
+	}
+}
+
+// BenchmarkFlushRange: a one-page flush of an MM that 1 to 16 CPUs run,
+// each handling its IPI.
+func BenchmarkFlushRange(b *testing.B) {
+	for _, n := range []int{1, 2, 4, 8, 16} {
+		b.Run(fmt.Sprintf("cpus=%d", n), func(b *testing.B) {
+			m := newMachine(b, gomm.Config{CPUs: 16, Frames: 1024})
+			mm := m.NewMM()
+			for _, c := range m.CPUs()[:n] {
+				c.Switch(mm.NewTask("bench"))
+			}
+			before := m.Stats().TLB.IPIs
+			b.ReportAllocs()
+			for b.Loop() {
+				m.TLB().FlushRange(mm.Context(), 0x1000, 0x2000, pagetable.PageShift, false)
+			}
+			b.ReportMetric(float64(m.Stats().TLB.IPIs-before)/float64(b.N), "IPIs/op")
+		})
+	}
+}
+
+// BenchmarkLazyTLBSchedule: an exec/exit-heavy schedule on 4 CPUs: each
+// round an MM is created, runs a task on one CPU, which then switches to
+// a kernel thread (lazy), and the MM exits. Reports time, mm_count
+// atomics and shootdown IPIs per round for both lazy-TLB schemes.
+func BenchmarkLazyTLBSchedule(b *testing.B) {
+	for _, mode := range []gomm.LazyTLBMode{gomm.LazyRefcount, gomm.LazyShootdown} {
+		b.Run(mode.String(), func(b *testing.B) {
+			m := newMachine(b, gomm.Config{CPUs: 4, Frames: 4096, LazyTLB: mode})
+			kthread := tlb.NewKernelThread("kthread")
+			const rounds = 1000 // per iteration: a stable figure from few iterations
+			for b.Loop() {
+				for i := range rounds {
+					mm := m.NewMM()
+					cpu := m.CPU(i % 4)
+					cpu.Switch(mm.NewTask("t"))
+					cpu.Switch(kthread)
+					must(b, mm.Exit())
+				}
+			}
+			st := m.Stats().TLB
+			n := float64(b.N * rounds)
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/n, "ns/round")
+			b.ReportMetric(float64(st.CountOps)/n, "mm_count-atomics/round")
+			b.ReportMetric(float64(st.ShootdownIPIs)/n, "shootdown-IPIs/round")
+		})
+	}
+}

@@ -1,0 +1,74 @@
+package benchmarks
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/internal/testmain"
+)
+
+const (
+	page = gomm.PageSize
+	rw   = gomm.ProtRead | gomm.ProtWrite
+	anon = gomm.MapPrivate | gomm.MapAnonymous
+	gib  = 1 << 30
+)
+
+// sizes are the spans the sized benchmarks run over.
+var sizes = []uint64{4 << 10, 2 << 20, 64 << 20, gib}
+
+func sizeName(size uint64) string {
+	switch {
+	case size >= gib:
+		return fmt.Sprintf("%dGiB", size/gib)
+	case size >= 1<<20:
+		return fmt.Sprintf("%dMiB", size>>20)
+	default:
+		return fmt.Sprintf("%dKiB", size>>10)
+	}
+}
+
+// bySize runs fn as one sub-benchmark per size of at least min bytes.
+func bySize(b *testing.B, min uint64, fn func(b *testing.B, size uint64)) {
+	for _, size := range sizes {
+		if size >= min {
+			b.Run(sizeName(size), func(b *testing.B) { fn(b, size) })
+		}
+	}
+}
+
+// newMachine makes a machine with the lock-order checker off.
+func newMachine(b *testing.B, cfg gomm.Config) *gomm.Machine {
+	b.Helper()
+	testmain.WithoutLockdep(b)
+	m, err := gomm.NewMachine(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// framesFor is a machine size with room for size bytes of pages and
+// their tables.
+func framesFor(size uint64) int { return int(size/page) + 4096 }
+
+// perPage reports the benchmark's timed time per page, pages being what
+// one iteration works on.
+func perPage(b *testing.B, pages uint64) {
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(pages), "ns/page")
+}
+
+// untimed runs fn with the timer stopped.
+func untimed(b *testing.B, fn func()) {
+	b.StopTimer()
+	fn()
+	b.StartTimer()
+}
+
+func must(b *testing.B, err error) {
+	b.Helper()
+	if err != nil {
+		b.Fatal(err)
+	}
+}

@@ -1,0 +1,149 @@
+package benchmarks
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/mmugather"
+	"github.com/gomm-dev/gomm/tlb"
+)
+
+// BenchmarkUnmap: one Unmap call per 4 KiB page of a full table.
+func BenchmarkUnmap(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		b.ReportAllocs()
+		for b.Loop() {
+			b.StopTimer()
+			tb := mappedTable(b, size)
+			b.StartTimer()
+			for va := uint64(0); va < size; va += page {
+				if _, err := tb.Unmap(va); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		perPage(b, size/page)
+	})
+}
+
+// BenchmarkUnmapRange: one UnmapRange call over a full table.
+func BenchmarkUnmapRange(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		b.ReportAllocs()
+		for b.Loop() {
+			b.StopTimer()
+			tb := mappedTable(b, size)
+			b.StartTimer()
+			if n, err := tb.UnmapRange(0, size, nil); err != nil || n != int(size/page) {
+				b.Fatal(n, err)
+			}
+		}
+		perPage(b, size/page)
+	})
+}
+
+// populated maps size bytes of anonymous memory with MAP_POPULATE.
+func populated(b *testing.B, mm *gomm.MM, size uint64) uint64 {
+	addr, err := mm.Mmap(0, size, rw, anon|gomm.MapPopulate)
+	must(b, err)
+	return addr
+}
+
+// BenchmarkZapDontNeed: MADV_DONTNEED of populated memory: the range zap
+// into a gather (zap_page_range), its TLB flushes and the frees, with the
+// VMA left in place.
+func BenchmarkZapDontNeed(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
+		mm := m.NewMM()
+		m.CPU(0).Switch(mm.NewTask("bench"))
+		const addr = 0x4000_0000
+		b.ReportAllocs()
+		for b.Loop() {
+			untimed(b, func() {
+				// Over the emptied VMA of the last round: a fresh one.
+				_, err := mm.Mmap(addr, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
+				must(b, err)
+			})
+			must(b, mm.Madvise(addr, size, gomm.MadvDontNeed))
+		}
+		perPage(b, size/page)
+	})
+}
+
+// BenchmarkMunmap: munmap of populated memory while 1 or 4 CPUs run the
+// MM. Besides ns/page it reports, per call, the TLB flushes and IPIs,
+// and the flushes per gather batch per CPU running the MM (the target
+// is at most one).
+func BenchmarkMunmap(b *testing.B) {
+	for _, cpus := range []int{1, 4} {
+		b.Run(fmt.Sprintf("cpus=%d", cpus), func(b *testing.B) {
+			bySize(b, 0, func(b *testing.B, size uint64) {
+				m := newMachine(b, gomm.Config{CPUs: cpus, Frames: framesFor(size)})
+				mm := m.NewMM()
+				for _, c := range m.CPUs() {
+					c.Switch(mm.NewTask("bench"))
+				}
+				var flushes, ipis uint64
+				for b.Loop() {
+					var addr uint64
+					var before tlb.Stats
+					untimed(b, func() {
+						addr = populated(b, mm, size)
+						before = m.Stats().TLB
+					})
+					must(b, mm.Munmap(addr, size))
+					untimed(b, func() {
+						after := m.Stats().TLB
+						flushes += after.FlushRequests - before.FlushRequests
+						ipis += after.IPIs - before.IPIs
+					})
+				}
+				n := float64(b.N)
+				batches := float64((size/page + mmugather.BatchPages - 1) / mmugather.BatchPages)
+				perPage(b, size/page)
+				b.ReportMetric(float64(flushes)/n, "flushes/op")
+				b.ReportMetric(float64(ipis)/n, "IPIs/op")
+				b.ReportMetric(float64(ipis)/n/batches/float64(cpus), "IPIs/batch/CPU")
+			})
+		})
+	}
+}
+
+// BenchmarkExit: exit of an MM with the size populated (the fullmm
+// gather: one flush of everything per batch, then the tables).
+func BenchmarkExit(b *testing.B) {
+	bySize(b, 0, func(b *testing.B, size uint64) {
+		m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
+		b.ReportAllocs()
+		for b.Loop() {
+			var mm *gomm.MM
+			untimed(b, func() {
+				mm = m.NewMM()
+				populated(b, mm, size)
+			})
+			must(b, mm.Exit())
+		}
+		perPage(b, size/page)
+	})
+}
+
+// BenchmarkMremapMove: mremap of 64 MiB of written anonymous memory to a
+// new address and back (MREMAP_MAYMOVE|MREMAP_FIXED): page-table moves
+// and one flush of the old range per call; reported per page moved.
+func BenchmarkMremapMove(b *testing.B) {
+	const size = 64 << 20
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
+	mm := m.NewMM()
+	defer func() { _ = mm.Exit() }()
+	a, err := mm.Mmap(0x1000_0000, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
+	must(b, err)
+	other := uint64(0x4000_0000)
+	for b.Loop() {
+		_, err := mm.Mremap(a, size, size, gomm.MremapMayMove|gomm.MremapFixed, other)
+		must(b, err)
+		a, other = other, a
+	}
+	perPage(b, size/page)
+}
