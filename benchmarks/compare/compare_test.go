@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm/pagetable"
+	"go.uber.org/goleak"
 	"gvisor.dev/gvisor/pkg/cpuid"
 	"gvisor.dev/gvisor/pkg/hostarch"
 	"gvisor.dev/gvisor/pkg/ring0/pagetables"
@@ -23,7 +24,7 @@ const (
 func TestMain(m *testing.M) {
 	// gVisor's page tables read the CPU's features when they build entries.
 	cpuid.Initialize()
-	m.Run()
+	goleak.VerifyTestMain(m)
 }
 
 var gvisorOpts = pagetables.MapOpts{AccessType: hostarch.ReadWrite, User: true}
