@@ -135,3 +135,31 @@ func BenchmarkMovePages(b *testing.B) {
 		_ = mm.Exit()
 	})
 }
+
+// BenchmarkRmapWalkKSM: every mapping of a KSM page that 256 places of
+// one MM share (a walk of the stable node's items, each through its
+// anon_vma).
+func BenchmarkRmapWalkKSM(b *testing.B) {
+	const pages = 256
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
+	mm := m.NewMM()
+	addr := populated(b, mm, pages*page)
+	must(b, mm.Madvise(addr, pages*page, gomm.MadvMergeable))
+	for i := range uint64(pages) {
+		_, err := mm.WriteAt([]byte{42}, addr+i*page)
+		must(b, err)
+	}
+	m.KSMScan(2 * pages)
+	m.KSMScan(2 * pages)
+	e, _ := mm.Table().Lookup(addr)
+	if ms, err := m.Mappers(e.PFN()); err != nil || len(ms) != pages {
+		b.Fatalf("%d mappers of the KSM page, %v", len(ms), err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.Mappers(e.PFN()); err != nil {
+			b.Fatal(err)
+		}
+	}
+	_ = mm.Exit()
+}

@@ -8,6 +8,11 @@ import "slices"
 // finds the VMA. The list is protected by the KSM page's page lock.
 type StableNode struct {
 	items []KSMItem
+	// mayRepeat is set once two items of one anon_vma family share an
+	// address: only then can two items reach the same VMA at the same
+	// place, and a walk must remember where it has been. Never cleared
+	// (Forget leaving one of them behind only makes the check redundant).
+	mayRepeat bool
 }
 
 // KSMItem is one place a KSM page is mapped (an rmap_item in the stable
@@ -25,9 +30,21 @@ func (n *StableNode) IsAnon() bool { return true }
 // Add records a new place the page is mapped; a place it records
 // already is not recorded twice. The caller holds the KSM page's lock.
 func (n *StableNode) Add(it KSMItem) {
-	if !slices.Contains(n.items, it) {
-		n.items = append(n.items, it)
+	for _, have := range n.items {
+		if have == it {
+			return
+		}
+		if have.Addr == it.Addr && sameFamily(have.AnonVMA, it.AnonVMA) {
+			n.mayRepeat = true
+		}
 	}
+	n.items = append(n.items, it)
+}
+
+// sameFamily reports whether a and b share a root anon_vma: the anon_vmas
+// one VMA's chain links are always of one family.
+func sameFamily(a, b *AnonVMA) bool {
+	return a != nil && b != nil && a.root == b.root
 }
 
 // Forget drops the items of the place (space, addr), whose page is no

@@ -36,9 +36,10 @@ func Walk(p *physmem.Frame, c *Control) (contended bool) {
 	case *StableNode:
 		// Items of one anon_vma family may reach the same VMA at the
 		// same address (a place merged again after its item was kept
-		// for its forks): visit each once.
+		// for its forks): visit each once. Only a node that has had
+		// such items pays for remembering.
 		var seen map[ksmPlace]bool
-		if len(m.items) > 1 {
+		if m.mayRepeat {
 			seen = map[ksmPlace]bool{}
 		}
 		for _, it := range m.items {
