@@ -118,20 +118,33 @@ func (mm *MM) setMergeable(start, end uint64, on bool) error {
 
 // unmergeLocked gives every KSM page mapped in [start, end) back a
 // private copy (unmerge_ksm_pages / break_ksm). Called with mmap_lock
-// held.
+// held for writing, so ksmd merges nothing new in the range meanwhile.
+// The KSM pages are found first, in one pass over the populated tables
+// under their locks; copyOnWrite then takes the locks itself. A range
+// with no KSM page, the usual case for mremap, costs that pass alone.
 func (mm *MM) unmergeLocked(start, end uint64) error {
-	for va := start; va < end; va += PageSize {
+	var merged []uint64
+	err := mm.table.Range(start, end, pagetable.RangeFuncs{
+		PTEs: func(pt pagetable.PTETable, first, last int) bool {
+			for i := first; i < last; i++ {
+				if mm.mapsKSMPage(pt.Get(i)) {
+					merged = append(merged, pt.VA(i))
+				}
+			}
+			return true
+		},
+	})
+	if err != nil {
+		return err
+	}
+	for _, va := range merged {
 		v := mm.vmas.lookup(va)
 		if v == nil {
 			continue // a hole: updateVMAsLocked reports it
 		}
 		for range 8 {
 			e, _ := mm.table.Lookup(va)
-			if !e.IsPresent() || e&pagetable.Special != 0 {
-				break
-			}
-			f, err := mm.m.ram.Frame(physmem.PFN(e.PFNAt(va)))
-			if err != nil || !f.Has(physmem.FlagKSM) {
+			if !mm.mapsKSMPage(e) {
 				break
 			}
 			if _, err := mm.copyOnWrite(v, va, e, v.prot&ProtWrite != 0); err != nil {
@@ -140,6 +153,15 @@ func (mm *MM) unmergeLocked(start, end uint64) error {
 		}
 	}
 	return nil
+}
+
+// mapsKSMPage reports whether the 4 KiB entry e maps a KSM page.
+func (mm *MM) mapsKSMPage(e pagetable.PTE) bool {
+	if !e.IsPresent() || e&pagetable.Special != 0 || e.IsHuge() {
+		return false
+	}
+	f, err := mm.m.ram.Frame(physmem.PFN(e.PFN()))
+	return err == nil && f.Has(physmem.FlagKSM)
 }
 
 // KSMScan runs the same-page merger over up to pages pages of the

@@ -132,18 +132,32 @@ func BenchmarkExit(b *testing.B) {
 // BenchmarkMremapMove: mremap of 64 MiB of written anonymous memory to a
 // new address and back (MREMAP_MAYMOVE|MREMAP_FIXED): page-table moves
 // and one flush of the old range per call; reported per page moved.
+// "mergeable" is the same memory under MADV_MERGEABLE with no page merged
+// yet: the KSM pages a move must unmerge first are looked for, and there
+// are none.
 func BenchmarkMremapMove(b *testing.B) {
 	const size = 64 << 20
-	m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
-	mm := m.NewMM()
-	defer func() { _ = mm.Exit() }()
-	a, err := mm.Mmap(0x1000_0000, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
-	must(b, err)
-	other := uint64(0x4000_0000)
-	for b.Loop() {
-		_, err := mm.Mremap(a, size, size, gomm.MremapMayMove|gomm.MremapFixed, other)
-		must(b, err)
-		a, other = other, a
+	for _, mergeable := range []bool{false, true} {
+		name := "plain"
+		if mergeable {
+			name = "mergeable"
+		}
+		b.Run(name, func(b *testing.B) {
+			m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
+			mm := m.NewMM()
+			defer func() { _ = mm.Exit() }()
+			a, err := mm.Mmap(0x1000_0000, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
+			must(b, err)
+			if mergeable {
+				must(b, mm.Madvise(a, size, gomm.MadvMergeable))
+			}
+			other := uint64(0x4000_0000)
+			for b.Loop() {
+				_, err := mm.Mremap(a, size, size, gomm.MremapMayMove|gomm.MremapFixed, other)
+				must(b, err)
+				a, other = other, a
+			}
+			perPage(b, size/page)
+		})
 	}
-	perPage(b, size/page)
 }
