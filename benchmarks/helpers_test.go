@@ -29,6 +29,14 @@ func sizeName(size uint64) string {
 	}
 }
 
+// rebuiltMin is the smallest size of the benchmarks that rebuild their
+// state with the timer stopped in every iteration: below it, stopping
+// and starting the timer (which reads the runtime's memory statistics)
+// costs more than the work timed, and b.Loop's ramp to the bench time
+// would take minutes of wall time. What they measure per page does not
+// depend on the span below it.
+const rebuiltMin = 2 << 20
+
 // bySize runs fn as one sub-benchmark per size of at least min bytes.
 func bySize(b *testing.B, min uint64, fn func(b *testing.B, size uint64)) {
 	for _, size := range sizes {
@@ -66,9 +74,11 @@ func untimed(b *testing.B, fn func()) {
 	b.StartTimer()
 }
 
+// must fails the benchmark on an error. It is called per page in timed
+// loops: b.Helper, which walks the stack, is called only on failure.
 func must(b *testing.B, err error) {
-	b.Helper()
 	if err != nil {
+		b.Helper()
 		b.Fatal(err)
 	}
 }

@@ -45,12 +45,12 @@ func BenchmarkMapRange(b *testing.B) {
 // 4 KiB page of a fresh mapping: the fault, the frame, its first-write
 // data, the PTE, the TLB fill and the store.
 func BenchmarkFaultIn(b *testing.B) {
-	bySize(b, 0, func(b *testing.B, size uint64) { faultIn(b, size, false) })
+	bySize(b, rebuiltMin, func(b *testing.B, size uint64) { faultIn(b, size, false) })
 }
 
 // BenchmarkFaultInHuge: the same with MADV_HUGEPAGE, one fault per 2 MiB.
 func BenchmarkFaultInHuge(b *testing.B) {
-	bySize(b, 2<<20, func(b *testing.B, size uint64) { faultIn(b, size, true) })
+	bySize(b, rebuiltMin, func(b *testing.B, size uint64) { faultIn(b, size, true) })
 }
 
 func faultIn(b *testing.B, size uint64, huge bool) {
@@ -85,7 +85,7 @@ func faultIn(b *testing.B, size uint64, huge bool) {
 // by the MM itself (no CPU, no data written: each page is a fresh zeroed
 // frame).
 func BenchmarkMapPopulate(b *testing.B) {
-	bySize(b, 0, func(b *testing.B, size uint64) {
+	bySize(b, rebuiltMin, func(b *testing.B, size uint64) {
 		m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
 		mm := m.NewMM()
 		b.ReportAllocs()
