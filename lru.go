@@ -69,7 +69,8 @@ func (l *lru) pushLocked(pfn uint32, which uint8) {
 	l.n[which]++
 }
 
-func (l *lru) unlinkLocked(pfn uint32) {
+func (l *lru) unlinkLocked(f *physmem.Frame) {
+	pfn := uint32(f.PFN())
 	which := l.on[pfn]
 	if which == lruNone {
 		return
@@ -87,18 +88,35 @@ func (l *lru) unlinkLocked(pfn uint32) {
 	}
 	l.on[pfn] = lruNone
 	l.n[which]--
-	if f, err := l.ram.Frame(physmem.PFN(pfn)); err == nil {
-		f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
-	}
+	f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
 }
 
 // del takes f off its list (folio_isolate_lru without the reference, or
 // the free path's removal).
 func (l *lru) del(f *physmem.Frame) {
-	pfn := uint32(f.PFN())
 	l.mu.Lock()
-	l.unlinkLocked(pfn)
+	l.unlinkLocked(f)
 	l.mu.Unlock()
+}
+
+// delFreed takes the frames of a batch being freed off their lists,
+// under one acquisition of mu (release_pages holds the lruvec lock across
+// a batch): the allocator's batch free hook.
+func (l *lru) delFreed(fs []*physmem.Frame) {
+	locked := false
+	for _, f := range fs {
+		if !f.Has(physmem.FlagLRU) {
+			continue
+		}
+		if !locked {
+			l.mu.Lock()
+			locked = true
+		}
+		l.unlinkLocked(f)
+	}
+	if locked {
+		l.mu.Unlock()
+	}
 }
 
 // isolateTail takes the frame at the tail of the inactive list off it,
@@ -107,16 +125,14 @@ func (l *lru) del(f *physmem.Frame) {
 func (l *lru) isolateTail() uint32 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.tail[lruInactive] == 0 {
-		t := l.tail[lruActive]
-		if t == 0 {
+	t := l.tail[lruInactive]
+	if t == 0 {
+		if t = l.tail[lruActive]; t == 0 {
 			return 0
 		}
-		l.unlinkLocked(t - 1)
-		return t
 	}
-	t := l.tail[lruInactive]
-	l.unlinkLocked(t - 1)
+	f, _ := l.ram.Frame(physmem.PFN(t - 1)) // the lists are sized to RAM: cannot fail
+	l.unlinkLocked(f)
 	return t
 }
 

@@ -110,11 +110,11 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if cfg.SwapSlots > 0 {
 		m.swap = newSwapDevice(ram, cfg.SwapSlots)
 	}
-	ram.OnFree(func(f *physmem.Frame) {
+	ram.OnFreeBatch(func(f *physmem.Frame) {
 		if f.Has(physmem.FlagLRU) {
 			m.lru.del(f)
 		}
-	})
+	}, m.lru.delFreed)
 	if cfg.Check {
 		m.chk = check.New()
 		ram.OnFree(func(f *physmem.Frame) { m.chk.FrameFreed(uint64(f.PFN())) })

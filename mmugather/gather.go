@@ -127,13 +127,11 @@ func (g *Gather) Flush() error {
 		g.resetRange()
 	}
 	var errs []error
-	for i, f := range g.pages {
-		if err := g.ram.Put(f); err != nil {
-			errs = append(errs, err)
-		}
-		g.pages[i] = nil
-		g.freedPags++
+	if err := g.ram.PutBatch(g.pages); err != nil {
+		errs = append(errs, err)
 	}
+	g.freedPags += len(g.pages)
+	clear(g.pages)
 	g.pages = g.pages[:0]
 	if len(g.tables) > 0 {
 		g.ctx.Table().SyncWalkers()

@@ -49,7 +49,13 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 						g.track(lo, hi, pagetable.PageShift)
 					}
 				}()
+				warmed := first // the frames of the entries below are warm
 				for i, old := range pt.GetAndClearRange(first, last) {
+					if i >= warmed {
+						// The entries after i are not cleared yet.
+						warmed = min(i+1+warmPTEs, last)
+						warmFrames(g, pt, i+1, warmed)
+					}
 					if hi == 0 {
 						lo = pt.VA(i)
 					}
@@ -159,4 +165,23 @@ func (g *Gather) frame(pfn uint64) (*physmem.Frame, error) {
 		return nil, fmt.Errorf("mmugather: zap found pfn %#x outside RAM: %w", pfn, err)
 	}
 	return f, nil
+}
+
+// warmPTEs is how many entries ahead Zap warms the frames they map.
+const warmPTEs = 16
+
+// warmFrames warms the frames entries [i, end) of pt map (physmem.Warm),
+// before Zap's locked map count decrements on them.
+func warmFrames(g *Gather, pt pagetable.PTETable, i, end int) {
+	var fs [warmPTEs]*physmem.Frame
+	n := 0
+	for ; i < end; i++ {
+		if pfn, maps := pt.Get(i).MappedFrame(); maps {
+			if f, err := g.frame(pfn); err == nil {
+				fs[n] = f
+				n++
+			}
+		}
+	}
+	physmem.Warm(fs[:n])
 }

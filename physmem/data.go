@@ -3,6 +3,8 @@ package physmem
 import (
 	"encoding/binary"
 	"fmt"
+	"sync"
+	"unsafe"
 )
 
 // Frame data is little-endian, like the x86 memory it stands for.
@@ -179,15 +181,47 @@ func (f *Frame) writable() (*pageData, error) {
 			// Loop rather than trust one retry: a concurrent Zero can
 			// put nil back between our failed swap and the next load.
 			if fresh == nil {
-				fresh = new(pageData)
+				fresh = newData()
 			}
 			if f.data.CompareAndSwap(nil, fresh) {
 				return fresh, nil
 			}
 		default:
+			if fresh != nil {
+				dataPool.Put(fresh) // zeroed and never published
+			}
 			return d, nil
 		}
 	}
+}
+
+// dataPool holds the data of freed frames for the next first write to
+// reuse, so that a frame's life costs the Go heap no allocation and the
+// collector no work (RAM does not come and go either). A frame's data
+// comes here only from the free path (Allocator.release), after it has
+// swapped poisonData in: whoever loads the frame's data from then on
+// sees poison. An access that loaded the data before the free and uses
+// it after is one the TLB flush and the reference counts must order
+// before the free; one that is not (a translation that survived the
+// free, which the checker reports) may land in the frame the data is
+// recycled into, as a stale TLB's store lands in the reused page on
+// hardware, and under the race detector it races with the clear below
+// and is reported. Zero drops data instead: concurrent writers may still
+// hold it. sync.Pool keeps per-P lists and lets the collector shrink the
+// pool when frames stay free.
+var dataPool sync.Pool
+
+// newData returns zeroed data for a frame's first write: recycled if any
+// is pooled (clear_page), else new.
+func newData() *pageData {
+	if d, _ := dataPool.Get().(*pageData); d != nil {
+		// Exclusively ours: nobody may load it since the free that
+		// pooled it (see dataPool), so a plain clear (memclr) will do,
+		// where 512 atomic stores would cost several times as much.
+		clear((*[PageSize]byte)(unsafe.Pointer(d))[:])
+		return d
+	}
+	return new(pageData)
 }
 
 func checkSpan(off, n int) error {

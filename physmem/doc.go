@@ -11,7 +11,8 @@
 //
 // A Frame carries a reference count, a map count, page flags, an rmap slot
 // (Mapping and index), a private word (the swap entry of a swap-cache
-// frame), a sleeping page lock, and 4 KiB of data allocated on first write.
+// frame), a sleeping page lock, and 4 KiB of data taken on first write
+// (zeroed; recycled from freed frames when there are some, else new).
 // Without data a Frame is 64 bytes. Its data is held as 64-bit words and
 // accessed atomically, as memory is by hardware: simulated CPUs, devices and
 // the MM may touch one frame at once without a Go data race, and partial
@@ -21,9 +22,13 @@
 //
 // Alloc returns a frame with one reference. The last Put frees it: the
 // free hooks run (the checker verifies there that no TLB still maps the
-// frame), the data is poisoned so that a stale reader sees PoisonWord, the
-// generation is bumped so that (PFN, Gen) names one lifetime, and the frame
-// returns to the free list.
+// frame), the data is poisoned so that a stale reader sees PoisonWord
+// (the frame's data is swapped for a shared poisoned page, and its own
+// goes to be recycled by a later first write), the generation is bumped
+// so that (PFN, Gen) names one lifetime, and the frame returns to the
+// free list. PutBatch drops many references at once (release_pages): the
+// frames it frees run the hooks and return to the free list a batch at a
+// time.
 //
 // AllocHuge hands out HugeFrames (512) frames with consecutive PFNs from
 // an aligned block, for a transparent huge page. They are not a compound

@@ -81,6 +81,10 @@ type CPU struct {
 	barriers    uint64
 	hits        uint64
 	misses      uint64
+	// faults counts the faults passed to the handler, per CPU as the
+	// kernel's vm events are: a System-wide atomic would be one more
+	// line every faulting CPU writes.
+	faults uint64
 }
 
 // ID returns the CPU number.
@@ -415,11 +419,14 @@ func (c *CPU) pin(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 		}
 		ctx := c.loaded
 		user := ctx != nil && !c.lazy && c.curr.ctx != nil
+		handled := user && ctx.fault != nil && tr.Fault != pagetable.FaultNonCanonical
+		if handled {
+			c.faults++
+		}
 		c.mu.Unlock()
-		if !user || ctx.fault == nil || tr.Fault == pagetable.FaultNonCanonical {
+		if !handled {
 			return nil, c.pageFault(va, acc, tr)
 		}
-		c.sys.stats.faults.Add(1)
 		if err := ctx.fault.HandleFault(va, acc); err != nil {
 			return nil, err
 		}
@@ -520,9 +527,14 @@ func (c *CPU) FlushLocal() {
 
 // Stats returns the CPU's TLB hits and misses.
 func (c *CPU) Stats() (hits, misses uint64) {
+	hits, misses, _ = c.counts()
+	return hits, misses
+}
+
+func (c *CPU) counts() (hits, misses, faults uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.hits, c.misses
+	return c.hits, c.misses, c.faults
 }
 
 // The checker's view of the CPU.

@@ -89,7 +89,7 @@ type Stats struct {
 
 type stats struct {
 	ipis, lazySkipped, fullFlushes, partialFlushes, pagesFlushed, flushRequests atomic.Uint64
-	faults, countOps, shootIPIs, membarrierIPIs, switches                       atomic.Uint64
+	countOps, shootIPIs, membarrierIPIs, switches                               atomic.Uint64
 }
 
 // System is the set of simulated CPUs of a machine and the flush protocol
@@ -153,16 +153,16 @@ func (s *System) Stats() Stats {
 		PartialFlushes:  s.stats.partialFlushes.Load(),
 		PagesFlushed:    s.stats.pagesFlushed.Load(),
 		FlushRequests:   s.stats.flushRequests.Load(),
-		Faults:          s.stats.faults.Load(),
 		CountOps:        s.stats.countOps.Load(),
 		ShootdownIPIs:   s.stats.shootIPIs.Load(),
 		MembarrierIPIs:  s.stats.membarrierIPIs.Load(),
 		ContextSwitches: s.stats.switches.Load(),
 	}
 	for _, c := range s.cpus {
-		h, m := c.Stats()
+		h, m, f := c.counts()
 		st.Hits += h
 		st.Misses += m
+		st.Faults += f
 	}
 	return st
 }
