@@ -114,6 +114,15 @@ func (v VMA) String() string {
 // insert the tail, merges and growth move End), so its key stays right.
 type vmaTree struct {
 	t *btree.BTreeG[vmaKey]
+	// last is the VMA the last lookup found (the kernel's old per-thread
+	// vmacache, here per MM): a run of faults in one VMA finds it without
+	// walking the tree. Concurrent lookups under mmap_lock held for
+	// reading load it and store it only when it changes, so faults in one
+	// VMA share its line without writing it; every insert, delete and
+	// clear, under mmap_lock held for writing, forgets it, so it always
+	// names a VMA in the tree. Its bounds are checked at each use: a
+	// VMA's End moves under mmap_lock held for writing.
+	last *atomic.Pointer[vma]
 }
 
 type vmaKey struct {
@@ -122,12 +131,26 @@ type vmaKey struct {
 }
 
 func newVMATree() vmaTree {
-	return vmaTree{t: btree.NewG(8, func(a, b vmaKey) bool { return a.start < b.start })}
+	return vmaTree{
+		t:    btree.NewG(8, func(a, b vmaKey) bool { return a.start < b.start }),
+		last: new(atomic.Pointer[vma]),
+	}
 }
 
-func (vt vmaTree) insert(v *vma) { vt.t.ReplaceOrInsert(vmaKey{v.Start, v}) }
-func (vt vmaTree) delete(v *vma) { vt.t.Delete(vmaKey{start: v.Start}) }
-func (vt vmaTree) clear()        { vt.t.Clear(false) }
+func (vt vmaTree) insert(v *vma) {
+	vt.last.Store(nil) // it may be the VMA this one replaces
+	vt.t.ReplaceOrInsert(vmaKey{v.Start, v})
+}
+
+func (vt vmaTree) delete(v *vma) {
+	vt.last.Store(nil)
+	vt.t.Delete(vmaKey{start: v.Start})
+}
+
+func (vt vmaTree) clear() {
+	vt.last.Store(nil)
+	vt.t.Clear(false)
+}
 
 // all yields the VMAs in address order.
 func (vt vmaTree) all(yield func(*vma) bool) {
@@ -151,7 +174,14 @@ func (vt vmaTree) find(addr uint64) *vma {
 
 // lookup returns the VMA containing addr, or nil (vma_lookup).
 func (vt vmaTree) lookup(addr uint64) *vma {
+	last := vt.last.Load()
+	if last != nil && last.Start <= addr && addr < last.End {
+		return last
+	}
 	if v := vt.find(addr); v != nil && v.Start <= addr {
+		if v != last {
+			vt.last.Store(v)
+		}
 		return v
 	}
 	return nil
