@@ -383,10 +383,15 @@ const putBatch = 32
 // last reference it drops a batch at a time: each batch hook is called
 // once per batch, and the frames return to the free list under one
 // acquisition of its lock. The errors of the frames refused are joined.
+// fs is PutBatch's scratch space (the frames being freed gather at its
+// front), so a batch costs no allocation: its contents are unspecified
+// on return.
 func (a *Allocator) PutBatch(fs []*Frame) error {
 	var errs []error
-	var batch [putBatch]*Frame
-	n := 0
+	// fs[start:w] holds the frames whose last reference is gone and that
+	// are not freed yet; w never passes i, so no frame still to be put
+	// is overwritten.
+	start, w := 0, 0
 	for i, f := range fs {
 		if i%warmAhead == 0 {
 			Warm(fs[i:min(i+warmAhead, len(fs))])
@@ -399,14 +404,14 @@ func (a *Allocator) PutBatch(fs []*Frame) error {
 		if !last {
 			continue
 		}
-		batch[n] = f
-		if n++; n == putBatch {
-			errs = a.freeBatch(batch[:n], errs)
-			n = 0
+		fs[w] = f
+		if w++; w-start == putBatch {
+			errs = a.freeBatch(fs[start:w], errs)
+			start = w
 		}
 	}
-	if n > 0 {
-		errs = a.freeBatch(batch[:n], errs)
+	if w > start {
+		errs = a.freeBatch(fs[start:w], errs)
 	}
 	return errors.Join(errs...)
 }

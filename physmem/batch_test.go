@@ -1,6 +1,7 @@
 package physmem
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -39,7 +40,7 @@ func TestPutBatch(t *testing.T) {
 	}
 	kept := fs[3]
 	require.NoError(t, a.Get(kept)) // survives the batch
-	err = a.PutBatch(append(fs, double))
+	err = a.PutBatch(append(slices.Clone(fs), double)) // its argument is its scratch
 	assert.ErrorIs(t, err, ErrFreed)
 	assert.Equal(t, n-1, each)
 	var freed int
