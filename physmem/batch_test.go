@@ -39,7 +39,7 @@ func TestPutBatch(t *testing.T) {
 		fs = append(fs, f)
 	}
 	kept := fs[3]
-	require.NoError(t, a.Get(kept)) // survives the batch
+	require.NoError(t, a.Get(kept))                    // survives the batch
 	err = a.PutBatch(append(slices.Clone(fs), double)) // its argument is its scratch
 	assert.ErrorIs(t, err, ErrFreed)
 	assert.Equal(t, n-1, each)
