@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/notifier"
 	"github.com/gomm-dev/gomm/tlb"
 )
 
@@ -61,3 +62,9 @@ func writeWhile(t *testing.T, m *gomm.Machine, mm *gomm.MM, addr uint64, pages, 
 	done.Store(true)
 	<-agentDone
 }
+
+// nopInvalidator subscribes to start/end and does nothing with them.
+type nopInvalidator struct{}
+
+func (nopInvalidator) InvalidateRangeStart(*notifier.Range) error { return nil }
+func (nopInvalidator) InvalidateRangeEnd(*notifier.Range)         {}

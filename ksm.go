@@ -395,10 +395,16 @@ func (k *ksm) findStable(m *Machine, sum uint64, p *physmem.Frame) *stableNode {
 			i--
 			continue
 		}
-		if n.frame.Equal(p) && m.ram.TryGet(n.frame) {
+		// The reference comes first: without it the page may be freed
+		// and its data recycled into another frame mid-compare.
+		if !m.ram.TryGet(n.frame) {
+			continue // freed since live: dropped on a later pass
+		}
+		if n.frame.Equal(p) {
 			k.stable[sum] = nodes
 			return n
 		}
+		_ = m.ram.Put(n.frame)
 	}
 	if len(nodes) == 0 {
 		delete(k.stable, sum)

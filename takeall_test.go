@@ -8,7 +8,6 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/locks"
-	"github.com/gomm-dev/gomm/notifier"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -102,8 +101,3 @@ func TestCOWAfterForkOfSwappedOutPages(t *testing.T) {
 	require.NoError(t, parent.Exit())
 	assert.Zero(t, m.Stats().Swap.Used)
 }
-
-type nopInvalidator struct{}
-
-func (nopInvalidator) InvalidateRangeStart(*notifier.Range) error { return nil }
-func (nopInvalidator) InvalidateRangeEnd(*notifier.Range)         {}

@@ -48,14 +48,17 @@ func (p PTETable) Set(i int, e PTE) PTE {
 // Accessed or Dirty bit the walker set up to that instant
 // (ptep_get_and_clear).
 func (p PTETable) GetAndClear(i int) PTE {
-	var old PTE
-	if testNonAtomicClear {
-		old = p.racyClear(i)
-	} else {
-		old = PTE(p.page[i].Swap(0))
-	}
+	old := p.take(i)
 	p.account(old, 0)
 	return old
+}
+
+// take empties entry i without accounting for it.
+func (p PTETable) take(i int) PTE {
+	if testNonAtomicClear {
+		return p.racyClear(i)
+	}
+	return PTE(p.page[i].Swap(0))
 }
 
 // GetAndClearRange empties the entries of [first, last) that are not
@@ -64,7 +67,11 @@ func (p PTETable) GetAndClear(i int) PTE {
 // is the range operations' cursor: one bounds check and one update of
 // the table's count for the run, not one per entry. Breaking out of the
 // loop leaves the entries after the last one yielded untouched. Count is
-// brought up to date when the loop ends, not while it runs.
+// brought up to date when the loop ends, not while it runs; the loop
+// must end before Unlock. A body that panics leaves Count too high, so
+// the table is not freed when empty: a leak, never a table freed under
+// its entries. (A deferred update would cost more than the clears: it
+// keeps the iterator from being inlined into its loop.)
 func (p PTETable) GetAndClearRange(first, last int) iter.Seq2[int, PTE] {
 	return func(yield func(int, PTE) bool) {
 		run := p.page[first:last:last]
@@ -73,12 +80,7 @@ func (p PTETable) GetAndClearRange(first, last int) iter.Seq2[int, PTE] {
 			if run[j].Load() == 0 {
 				continue
 			}
-			var old PTE
-			if testNonAtomicClear {
-				old = p.racyClear(first + j)
-			} else {
-				old = PTE(run[j].Swap(0))
-			}
+			old := p.take(first + j)
 			cleared++
 			if !yield(first+j, old) {
 				break

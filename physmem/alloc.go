@@ -406,12 +406,12 @@ func (a *Allocator) PutBatch(fs []*Frame) error {
 		}
 		fs[w] = f
 		if w++; w-start == putBatch {
-			errs = a.freeBatch(fs[start:w], errs)
+			errs = a.freeBatch(fs[start:w:w], errs)
 			start = w
 		}
 	}
 	if w > start {
-		errs = a.freeBatch(fs[start:w], errs)
+		errs = a.freeBatch(fs[start:w:w], errs)
 	}
 	return errors.Join(errs...)
 }
@@ -539,7 +539,9 @@ func (a *Allocator) OnFree(fn FreeHook) (remove func()) {
 }
 
 // OnFreeBatch is OnFree with a hook for the frames PutBatch frees
-// together: batch is called for them instead of fn for each.
+// together: batch is called for them instead of fn for each. fn is
+// still called for frames freed one at a time, by Put, and must not be
+// nil.
 func (a *Allocator) OnFreeBatch(fn FreeHook, batch BatchFreeHook) (remove func()) {
 	return a.onFree(hookEntry{fn: fn, batch: batch})
 }
