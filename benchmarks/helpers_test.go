@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/gomm-dev/gomm"
+	"github.com/gomm-dev/gomm/internal/mmtest"
 	"github.com/gomm-dev/gomm/internal/testmain"
 )
 
@@ -66,6 +67,15 @@ func framesFor(size uint64) int { return int(size/page) + 4096 }
 func perPage(b *testing.B, pages uint64) {
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(pages), "ns/page")
 }
+
+// populated maps size bytes of anonymous memory with MAP_POPULATE at
+// populatedBase (MAP_FIXED: over what an earlier round left there).
+func populated(b *testing.B, mm *gomm.MM, size uint64) uint64 {
+	return mmtest.MapAnon(b, mm, populatedBase, int(size/page), gomm.MapPopulate)
+}
+
+// populatedBase is 2 MiB-aligned, so huge-page benchmarks can use it too.
+const populatedBase = 0x4000_0000
 
 // untimed runs fn with the timer stopped.
 func untimed(b *testing.B, fn func()) {

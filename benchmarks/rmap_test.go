@@ -15,8 +15,7 @@ func BenchmarkRmapWalk(b *testing.B) {
 		b.Run(fmt.Sprintf("depth=%d", depth), func(b *testing.B) {
 			m := newMachine(b, gomm.Config{CPUs: 1})
 			mm := m.NewMM()
-			addr, err := mm.Mmap(0x1000_0000, page, rw, anon|gomm.MapFixed|gomm.MapPopulate)
-			must(b, err)
+			addr := populated(b, mm, page)
 			chain := []*gomm.MM{mm}
 			for range depth {
 				c, err := chain[len(chain)-1].Fork()
@@ -85,19 +84,12 @@ func BenchmarkReclaimSwap(b *testing.B) {
 // and looking each up in the stable and unstable trees.
 func BenchmarkKSMScan(b *testing.B) {
 	const pages = 1024
-	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
-	mm := m.NewMM()
-	addr := populated(b, mm, pages*page)
-	must(b, mm.Madvise(addr, pages*page, gomm.MadvMergeable))
-	buf := make([]byte, 8)
-	for i := range uint64(pages) {
+	m, mm, _ := mergeable(b, pages, func(i uint64, buf []byte) {
 		buf[0], buf[1] = byte(i/2), byte(i/2>>8)
 		if i >= pages/2 {
 			buf[2] = byte(i)
 		}
-		_, err := mm.WriteAt(buf, addr+i*page)
-		must(b, err)
-	}
+	})
 	m.KSMScan(2 * pages)
 	b.SetBytes(pages * page)
 	b.ReportAllocs()
@@ -141,14 +133,7 @@ func BenchmarkMovePages(b *testing.B) {
 // anon_vma).
 func BenchmarkRmapWalkKSM(b *testing.B) {
 	const pages = 256
-	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * pages})
-	mm := m.NewMM()
-	addr := populated(b, mm, pages*page)
-	must(b, mm.Madvise(addr, pages*page, gomm.MadvMergeable))
-	for i := range uint64(pages) {
-		_, err := mm.WriteAt([]byte{42}, addr+i*page)
-		must(b, err)
-	}
+	m, mm, addr := mergeable(b, pages, func(_ uint64, buf []byte) { buf[0] = 42 })
 	m.KSMScan(2 * pages)
 	m.KSMScan(2 * pages)
 	e, _ := mm.Table().Lookup(addr)
@@ -162,4 +147,21 @@ func BenchmarkRmapWalkKSM(b *testing.B) {
 		}
 	}
 	_ = mm.Exit()
+}
+
+// mergeable returns a machine and an MM with pages populated pages under
+// MADV_MERGEABLE at addr, page i starting with the 8 bytes fill(i) set.
+func mergeable(b *testing.B, pages uint64, fill func(i uint64, buf []byte)) (*gomm.Machine, *gomm.MM, uint64) {
+	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 4 * int(pages)})
+	mm := m.NewMM()
+	addr := populated(b, mm, pages*page)
+	must(b, mm.Madvise(addr, pages*page, gomm.MadvMergeable))
+	buf := make([]byte, 8)
+	for i := range pages {
+		clear(buf)
+		fill(i, buf)
+		_, err := mm.WriteAt(buf, addr+i*page)
+		must(b, err)
+	}
+	return m, mm, addr
 }

@@ -6,6 +6,7 @@ import (
 
 	"github.com/gomm-dev/gomm"
 	"github.com/gomm-dev/gomm/mmugather"
+	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/tlb"
 )
 
@@ -13,44 +14,37 @@ import (
 // table is rebuilt with the timer stopped, so the spans start at 64 MiB,
 // where the rebuild costs no more than what is timed.
 func BenchmarkUnmap(b *testing.B) {
-	bySize(b, 64<<20, func(b *testing.B, size uint64) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			tb := mappedTable(b, size)
-			b.StartTimer()
-			for va := uint64(0); va < size; va += page {
-				if _, err := tb.Unmap(va); err != nil {
-					b.Fatal(err)
-				}
+	onFullTable(b, func(tb *pagetable.Table, size uint64) {
+		for va := uint64(0); va < size; va += page {
+			if _, err := tb.Unmap(va); err != nil {
+				b.Fatal(err)
 			}
 		}
-		perPage(b, size/page)
 	})
 }
 
 // BenchmarkUnmapRange: one UnmapRange call over a full table, from
 // 64 MiB for the same reason.
 func BenchmarkUnmapRange(b *testing.B) {
-	bySize(b, 64<<20, func(b *testing.B, size uint64) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			tb := mappedTable(b, size)
-			b.StartTimer()
-			if n, err := tb.UnmapRange(0, size, nil); err != nil || n != int(size/page) {
-				b.Fatal(n, err)
-			}
+	onFullTable(b, func(tb *pagetable.Table, size uint64) {
+		if n, err := tb.UnmapRange(0, size, nil); err != nil || n != int(size/page) {
+			b.Fatal(n, err)
 		}
-		perPage(b, size/page)
 	})
 }
 
-// populated maps size bytes of anonymous memory with MAP_POPULATE.
-func populated(b *testing.B, mm *gomm.MM, size uint64) uint64 {
-	addr, err := mm.Mmap(0, size, rw, anon|gomm.MapPopulate)
-	must(b, err)
-	return addr
+// onFullTable times op on a table mapping [0, size), rebuilt with the
+// timer stopped for each iteration, and reports it per page.
+func onFullTable(b *testing.B, op func(tb *pagetable.Table, size uint64)) {
+	bySize(b, 64<<20, func(b *testing.B, size uint64) {
+		b.ReportAllocs()
+		for b.Loop() {
+			var tb *pagetable.Table
+			untimed(b, func() { tb = mappedTable(b, size) })
+			op(tb, size)
+		}
+		perPage(b, size/page)
+	})
 }
 
 // BenchmarkZapDontNeed: MADV_DONTNEED of populated memory: the range zap
@@ -61,14 +55,10 @@ func BenchmarkZapDontNeed(b *testing.B) {
 		m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
 		mm := m.NewMM()
 		m.CPU(0).Switch(mm.NewTask("bench"))
-		const addr = 0x4000_0000
 		b.ReportAllocs()
 		for b.Loop() {
-			untimed(b, func() {
-				// Over the emptied VMA of the last round: a fresh one.
-				_, err := mm.Mmap(addr, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
-				must(b, err)
-			})
+			var addr uint64
+			untimed(b, func() { addr = populated(b, mm, size) }) // over the last round's emptied VMA
 			must(b, mm.Madvise(addr, size, gomm.MadvDontNeed))
 		}
 		perPage(b, size/page)
@@ -149,12 +139,11 @@ func BenchmarkMremapMove(b *testing.B) {
 			m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(size)})
 			mm := m.NewMM()
 			defer func() { _ = mm.Exit() }()
-			a, err := mm.Mmap(0x1000_0000, size, rw, anon|gomm.MapFixed|gomm.MapPopulate)
-			must(b, err)
+			a := populated(b, mm, size)
 			if mergeable {
 				must(b, mm.Madvise(a, size, gomm.MadvMergeable))
 			}
-			other := uint64(0x4000_0000)
+			other := a + 2*size
 			for b.Loop() {
 				_, err := mm.Mremap(a, size, size, gomm.MremapMayMove|gomm.MremapFixed, other)
 				must(b, err)

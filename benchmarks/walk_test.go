@@ -80,8 +80,7 @@ func BenchmarkWalkLockless(b *testing.B) {
 func runningCPU(b *testing.B) (*gomm.Machine, uint64) {
 	m := newMachine(b, gomm.Config{CPUs: 1, Frames: 1024})
 	mm := m.NewMM()
-	addr, err := mm.Mmap(0, page, rw, anon|gomm.MapPopulate)
-	must(b, err)
+	addr := populated(b, mm, page)
 	m.CPU(0).Switch(mm.NewTask("bench"))
 	must(b, m.CPU(0).Store64(addr, 1))
 	return m, addr

@@ -72,144 +72,102 @@ func perLookup(b *testing.B) {
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/page")
 }
 
+// sink keeps a result the compiler could otherwise drop as unused.
+var sink any
+
+// timed runs op, which works on all 2^18 pages, once per iteration.
+func timed(b *testing.B, op func()) {
+	b.ReportAllocs()
+	for b.Loop() {
+		op()
+	}
+	perPage(b)
+}
+
+// onFull runs op, which works on all 2^18 pages, once per iteration on a
+// full table that build makes with the timer stopped.
+func onFull[T any](b *testing.B, build func() T, op func(T)) {
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		t := build()
+		b.StartTimer()
+		op(t)
+	}
+	perPage(b)
+}
+
 // BenchmarkMap: 2^18 sequential pages, one call each, into an empty table.
 func BenchmarkMap(b *testing.B) {
 	b.Run("gomm", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
+		timed(b, func() {
 			t := pagetable.New(pagetable.Options{})
 			for va := uint64(0); va < span; va += pagetable.PageSize {
 				if err := t.Map(va, gommPTE(va)); err != nil {
 					b.Fatal(err)
 				}
 			}
-		}
-		perPage(b)
+		})
 	})
 	b.Run("gvisor", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
+		timed(b, func() {
 			t := newGVisor()
 			for va := uint64(0); va < span; va += pagetable.PageSize {
 				t.Map(hostarch.Addr(va), pagetable.PageSize, gvisorOpts, uintptr(va+physBase))
 			}
-		}
-		perPage(b)
+		})
 	})
-	b.Run("map", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			m := make(map[uint64]uint64)
-			for va := uint64(0); va < span; va += pagetable.PageSize {
-				m[va>>pagetable.PageShift] = va + physBase
-			}
-		}
-		perPage(b)
-	})
+	// A map has no range call: its per-page loop is its range Map too.
+	b.Run("map", func(b *testing.B) { timed(b, func() { sink = filledMap() }) })
 }
 
 // BenchmarkUnmap: 2^18 sequential pages of a full table, one call each.
 func BenchmarkUnmap(b *testing.B) {
 	b.Run("gomm", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			t := filledGomm(b)
-			b.StartTimer()
+		onFull(b, func() *pagetable.Table { return filledGomm(b) }, func(t *pagetable.Table) {
 			for va := uint64(0); va < span; va += pagetable.PageSize {
 				if _, err := t.Unmap(va); err != nil {
 					b.Fatal(err)
 				}
 			}
-		}
-		perPage(b)
+		})
 	})
 	b.Run("gvisor", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			t := filledGVisor()
-			b.StartTimer()
+		onFull(b, filledGVisor, func(t *pagetables.PageTables) {
 			for va := uint64(0); va < span; va += pagetable.PageSize {
 				t.Unmap(hostarch.Addr(va), pagetable.PageSize)
 			}
-		}
-		perPage(b)
+		})
 	})
 	b.Run("map", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			m := filledMap()
-			b.StartTimer()
+		onFull(b, filledMap, func(m map[uint64]uint64) {
 			for va := uint64(0); va < span; va += pagetable.PageSize {
 				delete(m, va>>pagetable.PageShift)
 			}
-		}
-		perPage(b)
+		})
 	})
 }
 
 // BenchmarkMapRange: one call mapping all 2^18 pages into an empty table.
 func BenchmarkMapRange(b *testing.B) {
-	b.Run("gomm", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			filledGomm(b)
-		}
-		perPage(b)
-	})
-	b.Run("gvisor", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			filledGVisor()
-		}
-		perPage(b)
-	})
-	// A map has no range call: the loop is its range Map.
-	b.Run("map", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			filledMap()
-		}
-		perPage(b)
-	})
+	b.Run("gomm", func(b *testing.B) { timed(b, func() { filledGomm(b) }) })
+	b.Run("gvisor", func(b *testing.B) { timed(b, func() { filledGVisor() }) })
+	b.Run("map", func(b *testing.B) { timed(b, func() { sink = filledMap() }) })
 }
 
 // BenchmarkUnmapRange: one call unmapping all 2^18 pages of a full table.
 func BenchmarkUnmapRange(b *testing.B) {
 	b.Run("gomm", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			t := filledGomm(b)
-			b.StartTimer()
+		onFull(b, func() *pagetable.Table { return filledGomm(b) }, func(t *pagetable.Table) {
 			if n, err := t.UnmapRange(0, span, nil); err != nil || n != pages {
 				b.Fatal(n, err)
 			}
-		}
-		perPage(b)
+		})
 	})
 	b.Run("gvisor", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			t := filledGVisor()
-			b.StartTimer()
-			t.Unmap(0, span)
-		}
-		perPage(b)
+		onFull(b, filledGVisor, func(t *pagetables.PageTables) { t.Unmap(0, span) })
 	})
-	b.Run("map", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			b.StopTimer()
-			m := filledMap()
-			b.StartTimer()
-			clear(m)
-		}
-		perPage(b)
-	})
+	b.Run("map", func(b *testing.B) { onFull(b, filledMap, func(m map[uint64]uint64) { clear(m) }) })
 }
 
 // lookupAddrs returns the addresses a lookup benchmark visits: every page
