@@ -18,12 +18,12 @@ import (
 type lru struct {
 	ram  *physmem.Allocator
 	mu   sync.Mutex
-	next []uint32 // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
-	prev []uint32 // protected by mu
-	on   []uint8  // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
-	head [3]uint32
-	tail [3]uint32
-	n    [3]int
+	next []uint32  // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
+	prev []uint32  // protected by mu
+	on   []uint8   // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
+	head [3]uint32 // pfn+1 of each list's first frame, 0 when empty; protected by mu
+	tail [3]uint32 // pfn+1 of each list's last frame; protected by mu
+	n    [3]int    // frames on each list; protected by mu
 }
 
 const (

@@ -44,17 +44,15 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 				// range, when the loop ends (tlb_remove_tlb_entry per
 				// entry only widens the same range).
 				lo, hi := uint64(0), uint64(0)
-				defer func() {
-					if hi != 0 {
-						g.track(lo, hi, pagetable.PageShift)
-					}
-				}()
-				warmed := first // the frames of the entries below are warm
+				// Entries below warmed have had their frames warmed; the
+				// entries after i are not cleared yet, so still name them.
+				warmed := min(first+warmPTEs, last)
+				warmFrames(g, pt, first, warmed)
 				for i, old := range pt.GetAndClearRange(first, last) {
-					if i >= warmed {
-						// The entries after i are not cleared yet.
-						warmed = min(i+1+warmPTEs, last)
-						warmFrames(g, pt, i+1, warmed)
+					if i+1 >= warmed {
+						next := min(i+1+warmPTEs, last)
+						warmFrames(g, pt, i+1, next)
+						warmed = next
 					}
 					if hi == 0 {
 						lo = pt.VA(i)
@@ -87,10 +85,13 @@ func (g *Gather) Zap(start, end uint64) (ZapStats, error) {
 					}
 					if g.RemovePage(f) {
 						full, resume = true, pt.VA(i+1)
-						return false
+						break
 					}
 				}
-				return true
+				if hi != 0 {
+					g.track(lo, hi, pagetable.PageShift)
+				}
+				return !full
 			},
 			PMD: func(s pagetable.PMDSlot) bool {
 				if s.Base() < start || s.Base()+pagetable.HugeSize > end {

@@ -173,10 +173,8 @@ func (f *Frame) HasData() bool {
 func (f *Frame) writable() (*pageData, error) {
 	var fresh *pageData
 	for {
-		switch d := f.data.Load(); d {
-		case poisonData:
-			return nil, fmt.Errorf("physmem: write to pfn %#x: %w", f.pfn, ErrFreed)
-		case nil:
+		d := f.data.Load()
+		if d == nil {
 			// Loop rather than trust one retry: a concurrent Zero can
 			// put nil back between our failed swap and the next load.
 			if fresh == nil {
@@ -185,12 +183,15 @@ func (f *Frame) writable() (*pageData, error) {
 			if f.data.CompareAndSwap(nil, fresh) {
 				return fresh, nil
 			}
-		default:
-			if fresh != nil {
-				dataPool.Put(fresh) // zeroed and never published
-			}
-			return d, nil
+			continue
 		}
+		if fresh != nil {
+			dataPool.Put(fresh) // zeroed and never published
+		}
+		if d == poisonData {
+			return nil, fmt.Errorf("physmem: write to pfn %#x: %w", f.pfn, ErrFreed)
+		}
+		return d, nil
 	}
 }
 
