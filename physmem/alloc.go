@@ -53,7 +53,7 @@ type hookEntry struct {
 // Stats are an allocator's counters. Every field is a count since New.
 type Stats struct {
 	Frames   int    // RAM size, in frames
-	Free     int    // frames on the free list now
+	Free     int    // frames free now: on the free list or in a CPU cache
 	Allocs   uint64 // successful allocations
 	Frees    uint64 // frames freed (last reference dropped)
 	Failures uint64 // allocations refused for lack of frames
@@ -112,6 +112,8 @@ type Allocator struct {
 	regions atomic.Pointer[[]*DeviceRegion]
 
 	failures, badPuts, badStates, hugeFailures atomic.Uint64
+
+	caches []cpuCache // one per CPU (CPUCaches); fixed by New
 }
 
 // HugeFrames is the size of a huge allocation in frames: 512, one 2 MiB
@@ -119,14 +121,20 @@ type Allocator struct {
 const HugeFrames = 512
 
 // New returns an allocator of the given number of frames, all free.
-func New(frames int) (*Allocator, error) {
+func New(frames int, opts ...Option) (*Allocator, error) {
 	if frames <= 0 || uint64(frames) > MaxFrames {
 		return nil, fmt.Errorf("physmem: %d frames: %w", frames, ErrInvalid)
 	}
-	return &Allocator{
+	a := &Allocator{
 		nframes: frames,
 		chunks:  make([]atomic.Pointer[frameChunk], (frames+chunkSize-1)/chunkSize),
-	}, nil
+	}
+	for _, opt := range opts {
+		if err := opt(a); err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
 }
 
 // frame returns the Frame of a valid pfn, creating its chunk if needed.
@@ -170,25 +178,33 @@ func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
 // Alloc takes a free frame, returning it with one reference, no flags, no
 // mapping and zero contents. Out of frames it returns ErrNoMem.
 func (a *Allocator) Alloc() (*Frame, error) {
-	a.mu.Lock()
-	pfn, ok := a.popFree()
-	switch {
-	case ok:
-	case a.fresh < a.nframes:
-		pfn = uint32(a.fresh)
-		a.advanceFresh(a.fresh + 1)
-	default:
+	for drained := false; ; drained = true {
+		a.mu.Lock()
+		pfn, ok := a.popFree()
+		if !ok && a.fresh < a.nframes {
+			pfn, ok = uint32(a.fresh), true
+			a.advanceFresh(a.fresh + 1)
+		}
+		if ok {
+			a.allocs++
+			a.mu.Unlock()
+			return a.handOut(pfn), nil
+		}
 		a.mu.Unlock()
-		a.failures.Add(1)
-		return nil, fmt.Errorf("physmem: all %d frames in use: %w", a.nframes, ErrNoMem)
+		if drained || !a.cachedFrames() {
+			a.failures.Add(1)
+			return nil, fmt.Errorf("physmem: all %d frames in use: %w", a.nframes, ErrNoMem)
+		}
+		a.DrainCPUCaches()
 	}
-	a.allocs++
-	a.mu.Unlock()
+}
 
+// handOut readies a frame just taken off a free list for its new owner.
+func (a *Allocator) handOut(pfn uint32) *Frame {
 	f := a.frame(pfn)
 	f.data.Store(nil)
 	f.refcount.Store(1)
-	return f, nil
+	return f
 }
 
 // AllocHuge takes HugeFrames free frames with consecutive PFNs, the first
@@ -199,6 +215,19 @@ func (a *Allocator) Alloc() (*Frame, error) {
 // returns ErrNoMem and takes nothing: the caller falls back to single
 // frames, as a THP fault does.
 func (a *Allocator) AllocHuge() (*Frame, error) {
+	f, err := a.allocHuge()
+	if err != nil && a.cachedFrames() {
+		// Frames in CPU caches may be all a block lacks.
+		a.DrainCPUCaches()
+		f, err = a.allocHuge()
+	}
+	if err != nil {
+		a.hugeFailures.Add(1)
+	}
+	return f, err
+}
+
+func (a *Allocator) allocHuge() (*Frame, error) {
 	a.mu.Lock()
 	head, ok := a.takeFullBlock()
 	if !ok && a.fresh < a.nframes {
@@ -224,13 +253,10 @@ func (a *Allocator) AllocHuge() (*Frame, error) {
 	}
 	a.mu.Unlock()
 	if !ok {
-		a.hugeFailures.Add(1)
 		return nil, fmt.Errorf("physmem: no free aligned block of %d frames: %w", HugeFrames, ErrNoMem)
 	}
 	for pfn := head; pfn < head+HugeFrames; pfn++ {
-		f := a.frame(pfn)
-		f.data.Store(nil)
-		f.refcount.Store(1)
+		a.handOut(pfn)
 	}
 	return a.frame(head), nil
 }
@@ -575,17 +601,20 @@ func (a *Allocator) onFree(e hookEntry) (remove func()) {
 	}
 }
 
-// Stats returns a snapshot of the allocator's counters.
+// Stats returns a snapshot of the allocator's counters. Free frames in
+// CPU caches count as free.
 func (a *Allocator) Stats() Stats {
+	cached, cacheAllocs := a.lockCaches()
 	a.mu.Lock()
 	st := Stats{
 		Frames:     a.nframes,
-		Free:       a.nfree + a.nframes - a.fresh,
-		Allocs:     a.allocs,
+		Free:       a.nfree + a.nframes - a.fresh + cached,
+		Allocs:     a.allocs + cacheAllocs,
 		Frees:      a.frees,
 		HugeAllocs: a.hugeAllocs,
 	}
 	a.mu.Unlock()
+	a.unlockCaches()
 	st.Failures = a.failures.Load()
 	st.BadPuts = a.badPuts.Load()
 	st.BadStates = a.badStates.Load()

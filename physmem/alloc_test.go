@@ -1,12 +1,12 @@
 package physmem
 
 import (
-	"github.com/gomm-dev/gomm/internal/testmain"
 	"sync"
 	"testing"
 	"unsafe"
 
 	"github.com/gomm-dev/gomm/errno"
+	"github.com/gomm-dev/gomm/internal/testmain"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )

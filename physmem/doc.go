@@ -39,6 +39,17 @@
 // no compaction, and a huge allocation that finds no such block fails at
 // once, as a THP fault's opportunistic allocation does.
 //
+// # Per-CPU frame caches
+//
+// With CPUCaches(n), each of n CPUs has a cache of free frames (struct
+// per_cpu_pages): AllocOn(cpu) takes from it and refills it from the
+// free list a batch at a time, so CPUs faulting at once do not take the
+// free list's lock for every frame. Frees go to the free list. Cached
+// frames are free in every sense but where they wait: Stats counts them
+// free, and an allocation (single or huge) that finds the free list
+// short drains every cache and tries again before it fails
+// (drain_all_pages), so ErrNoMem still means no frame is free anywhere.
+//
 // # Device-private memory
 //
 // AddDeviceRegion gives a device's private memory frames of its own
@@ -60,5 +71,6 @@
 // Mapping, index and private are protected by the page lock, or by the
 // frame not yet being visible to anyone else. Reference count, map count
 // and flags are atomic. The allocator's free list has its own mutex, a
-// leaf lock.
+// leaf lock; a CPU cache's mutex ranks just before it (a refill or drain
+// holds both).
 package physmem

@@ -26,8 +26,22 @@ func (m *allocModel) allocated(t *rapid.T) *Frame {
 	return f
 }
 
-func (m *allocModel) Alloc(t *rapid.T) {
-	f, err := m.a.Alloc()
+func (m *allocModel) Alloc(t *rapid.T) { m.alloc(t, m.a.Alloc) }
+
+// AllocOn draws a CPU, sometimes one without a cache: the model is the
+// same, since a frame cached anywhere is free and must be found.
+func (m *allocModel) AllocOn(t *rapid.T) {
+	cpu := rapid.IntRange(-1, modelCPUs).Draw(t, "cpu")
+	m.alloc(t, func() (*Frame, error) { return m.a.AllocOn(cpu) })
+}
+
+func (m *allocModel) DrainCPUCaches(t *rapid.T) { m.a.DrainCPUCaches() }
+
+// modelCPUs is how many CPU caches the model's allocator has.
+const modelCPUs = 2
+
+func (m *allocModel) alloc(t *rapid.T, alloc func() (*Frame, error)) {
+	f, err := alloc()
 	if len(m.refs) == m.a.Frames() {
 		if !errors.Is(err, ErrNoMem) {
 			t.Fatalf("alloc with RAM full: %v", err)
@@ -171,7 +185,7 @@ func TestAllocatorStateMachine(t *testing.T) {
 		if rapid.Bool().Draw(t, "huge") {
 			frames = rapid.IntRange(HugeFrames-1, 3*HugeFrames+7).Draw(t, "hugeFrames")
 		}
-		a, err := New(frames)
+		a, err := New(frames, CPUCaches(modelCPUs))
 		if err != nil {
 			t.Fatal(err)
 		}

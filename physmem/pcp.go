@@ -1,0 +1,148 @@
+package physmem
+
+import (
+	"fmt"
+	"sync"
+)
+
+// Option configures an Allocator made by New.
+type Option func(*Allocator) error
+
+// MaxCPUCaches is the most per-CPU frame caches an allocator may have.
+const MaxCPUCaches = 4096
+
+// CPUCaches gives the allocator a frame cache for each of n CPUs (struct
+// per_cpu_pages), used by AllocOn: a CPU takes frames from its own cache,
+// which it refills from the free list cpuCacheBatch frames at a time, so
+// that CPUs allocating at once take the free list's lock once per batch
+// instead of once per frame, and each mostly touches a cache line of its
+// own. Frees go to the free list, not to a cache.
+func CPUCaches(n int) Option {
+	return func(a *Allocator) error {
+		if n < 0 || n > MaxCPUCaches {
+			return fmt.Errorf("physmem: %d CPU caches: %w", n, ErrInvalid)
+		}
+		a.caches = make([]cpuCache, n)
+		return nil
+	}
+}
+
+// cpuCacheBatch is how many frames a CPU cache takes from the free list
+// when it is empty (pcp->batch).
+const cpuCacheBatch = 32
+
+// cpuCache is one CPU's cache of free frames. Its frames are free (no
+// references, data poisoned, generation bumped) but off the free list:
+// only AllocOn for its CPU hands them out, and a drain puts them back.
+type cpuCache struct {
+	mu     sync.Mutex
+	pfns   []uint32 // free frames, the next to hand out last; protected by mu
+	allocs uint64   // frames handed out from this cache; protected by mu
+	// The caches are an array: without the padding, two CPUs' locks
+	// could share a cache line, and each allocation would take it from
+	// the other CPU.
+	_ [64 - 8 - 24 - 8]byte
+}
+
+// AllocOn is Alloc for code running on the given CPU: the frame comes
+// from that CPU's cache (see CPUCaches). A cpu without a cache (negative,
+// or beyond the allocator's caches) allocates as Alloc does. When both
+// the cache and the free list are empty, every CPU's cache is drained
+// before ErrNoMem is returned, so a frame free anywhere is found.
+func (a *Allocator) AllocOn(cpu int) (*Frame, error) {
+	if cpu < 0 || cpu >= len(a.caches) {
+		return a.Alloc()
+	}
+	c := &a.caches[cpu]
+	c.mu.Lock()
+	if len(c.pfns) == 0 && !a.refill(c) {
+		c.mu.Unlock()
+		return a.Alloc()
+	}
+	pfn := c.pfns[len(c.pfns)-1]
+	c.pfns = c.pfns[:len(c.pfns)-1]
+	c.allocs++
+	c.mu.Unlock()
+	return a.handOut(pfn), nil
+}
+
+// refill moves up to cpuCacheBatch free frames from the free list to c,
+// reporting whether it found any. Called with c.mu held.
+func (a *Allocator) refill(c *cpuCache) bool {
+	if c.pfns == nil {
+		c.pfns = make([]uint32, 0, cpuCacheBatch)
+	}
+	a.mu.Lock()
+	for len(c.pfns) < cpuCacheBatch {
+		pfn, ok := a.popFree()
+		if !ok {
+			if a.fresh == a.nframes {
+				break
+			}
+			pfn = uint32(a.fresh)
+			a.advanceFresh(a.fresh + 1)
+		}
+		c.pfns = append(c.pfns, pfn)
+	}
+	a.mu.Unlock()
+	// Popped newest first: hand the newest out first, while its frame
+	// may still be in a cache.
+	for i, j := 0, len(c.pfns)-1; i < j; i, j = i+1, j-1 {
+		c.pfns[i], c.pfns[j] = c.pfns[j], c.pfns[i]
+	}
+	return len(c.pfns) > 0
+}
+
+// DrainCPUCaches returns the frames of every CPU cache to the free list
+// (drain_all_pages). The allocator does it itself before failing an
+// allocation; callers that need the free list whole, a huge block say,
+// may do it too.
+func (a *Allocator) DrainCPUCaches() {
+	for i := range a.caches {
+		c := &a.caches[i]
+		c.mu.Lock()
+		if len(c.pfns) > 0 {
+			a.mu.Lock()
+			for _, pfn := range c.pfns {
+				a.pushFree(pfn)
+			}
+			a.mu.Unlock()
+			c.pfns = c.pfns[:0]
+		}
+		c.mu.Unlock()
+	}
+}
+
+// cachedFrames reports whether any CPU cache holds a frame: a snapshot,
+// which a failing allocation uses to decide whether draining the caches
+// and trying again could help.
+func (a *Allocator) cachedFrames() bool {
+	for i := range a.caches {
+		c := &a.caches[i]
+		c.mu.Lock()
+		n := len(c.pfns)
+		c.mu.Unlock()
+		if n > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// lockCaches takes every CPU cache's lock, in order, for a consistent
+// count of the free frames; unlockCaches releases them.
+func (a *Allocator) lockCaches() (cached int, allocs uint64) {
+	for i := range a.caches {
+		c := &a.caches[i]
+		c.mu.Lock()
+		cached += len(c.pfns)
+		allocs += c.allocs
+	}
+	return cached, allocs
+}
+
+func (a *Allocator) unlockCaches() {
+	for i := range a.caches {
+		a.caches[i].mu.Unlock()
+	}
+}
