@@ -100,7 +100,7 @@ func (mm *MM) getPage(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 		if err != nil || f != nil {
 			return f, err
 		}
-		if err := mm.faultLocked(v, va, acc); err != nil {
+		if err := mm.faultLocked(v, va, acc, noCPU); err != nil {
 			return nil, err
 		}
 	}

@@ -22,8 +22,27 @@ import (
 // fine: the TLB was stale). It returns nil when the access can be
 // retried; an address outside every VMA, an access its protection
 // forbids, or a file page past the end of the file is ErrFault (SIGSEGV
-// or SIGBUS). CPUs call it on their own faults.
+// or SIGBUS). Devices and other callers that are not a CPU call it;
+// CPUs call HandleFaultOn.
 func (mm *MM) HandleFault(va uint64, acc pagetable.Access) error {
+	return mm.handleFault(noCPU, va, acc)
+}
+
+// HandleFaultOn is HandleFault for a fault taken on the given CPU (the
+// machine's CPUs call it on their own faults, as tlb.CPUFaultHandler):
+// the new page comes from the CPU's frame cache and joins the LRU in the
+// CPU's batch, and the MM's counters are counted per CPU, so CPUs
+// faulting at once share as little as the kernel's do. A cpu the
+// machine does not have counts as no CPU.
+func (mm *MM) HandleFaultOn(cpu int, va uint64, acc pagetable.Access) error {
+	return mm.handleFault(cpu, va, acc)
+}
+
+// noCPU is the CPU of a fault no CPU took (a device's, GUP's, a
+// populate's): it uses the shared allocator and LRU paths.
+const noCPU = -1
+
+func (mm *MM) handleFault(cpu int, va uint64, acc pagetable.Access) error {
 	mm.mmapLock.RLock()
 	defer mm.mmapLock.RUnlock()
 	if err := mm.checkOpen(); err != nil {
@@ -33,15 +52,16 @@ func (mm *MM) HandleFault(va uint64, acc pagetable.Access) error {
 	if v == nil {
 		return fmt.Errorf("gomm: %v at %#x: no mapping: %w", acc, va, ErrFault)
 	}
-	return mm.faultLocked(v, va, acc)
+	return mm.faultLocked(v, va, acc, cpu)
 }
 
-// faultLocked handles a fault in v. Called with mmap_lock held.
-func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
+// faultLocked handles a fault in v, taken on cpu (or noCPU). Called with
+// mmap_lock held.
+func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access, cpu int) error {
 	if !v.prot.allows(acc) {
 		return fmt.Errorf("gomm: %v at %#x: mapping is %v: %w", acc, va, v.prot, ErrFault)
 	}
-	mm.faults.Add(1)
+	mm.countersOn(cpu).faults.Add(1)
 	page := va &^ (PageSize - 1)
 	write := acc&pagetable.AccessWrite != 0
 	// Eligibility first: it is a few flag tests, and most faults stop
@@ -78,7 +98,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 		switch {
 		case e.IsNone() && v.file != nil:
 			pt.Unlock()
-			retry, err = mm.fileFault(v, page, write)
+			retry, err = mm.fileFault(v, page, write, cpu)
 		case e.IsNone() && !write:
 			// Read fault: map the zero page read-only (do_anonymous_page).
 			pt.Set(i, pagetable.NewPTE(mm.m.ZeroPFN(), v.prot.leafBits()|pagetable.Special))
@@ -86,7 +106,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return nil
 		case e.IsNone():
 			pt.Unlock()
-			retry, err = mm.newAnonPage(v, page, e)
+			retry, err = mm.newAnonPage(v, page, e, cpu)
 		case e.IsMigration():
 			pt.Unlock()
 			mm.m.waitMigration(e)
@@ -99,7 +119,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			retry, err = mm.deviceFault(v, page, e, write, &deviceFaults)
 		case e.IsSwap():
 			pt.Unlock()
-			retry, err = mm.swapIn(v, page, e, write)
+			retry, err = mm.swapIn(v, page, e, write, cpu)
 		case !e.IsPresent():
 			pt.Unlock()
 			return fmt.Errorf("gomm: %v at %#x: entry %v cannot be faulted in: %w", acc, va, e, ErrFault)
@@ -124,7 +144,7 @@ func (mm *MM) faultLocked(v *vma, va uint64, acc pagetable.Access) error {
 			return nil
 		default:
 			pt.Unlock()
-			retry, err = mm.copyOnWrite(v, page, e, true)
+			retry, err = mm.copyOnWrite(v, page, e, true, cpu)
 		}
 		if err != nil || !retry {
 			return err
@@ -157,23 +177,24 @@ func (m *Machine) reusable(e pagetable.PTE) bool {
 
 // newAnonPage allocates a zeroed frame and installs it at page if the
 // entry still holds old; retry is true if it changed meanwhile.
-func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE) (retry bool, err error) {
-	f, err := mm.allocAnon(v, page, nil)
+func (mm *MM) newAnonPage(v *vma, page uint64, old pagetable.PTE, cpu int) (retry bool, err error) {
+	f, err := mm.allocAnon(v, page, nil, cpu)
 	if err != nil {
 		return false, err
 	}
-	return mm.mapNewAnon(v, page, old, f, true)
+	return mm.mapNewAnon(v, page, old, f, true, cpu)
 }
 
 // mapNewAnon installs the new anonymous frame f at page if the entry
 // still holds old, writable or not; if not, f is dropped and retry is
-// true.
-func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame, writable bool) (retry bool, err error) {
+// true. cpu is the faulting CPU's, or noCPU.
+func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Frame, writable bool, cpu int) (retry bool, err error) {
 	// On the LRU before the entry can be visible: once it is, a
 	// concurrent zap may free the frame, and an add after that free
-	// would leave a free frame on the list. Added here, any free takes
-	// it off again (the allocator's free hook).
-	mm.m.lru.add(f, true)
+	// would leave a free frame on the list. Added here (or queued on
+	// the CPU's batch), any free takes it off again (the allocator's
+	// free hook).
+	mm.m.lru.addOn(cpu, f, true)
 	pt, err := mm.table.AllocLockPTE(page)
 	if err != nil {
 		_ = mm.m.ram.Put(f)
@@ -192,7 +213,7 @@ func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Fram
 		return true, nil
 	}
 	pt.Unlock()
-	mm.rss.Add(1)
+	mm.addRSS(cpu, 1)
 	return false, nil
 }
 
@@ -204,7 +225,7 @@ func (mm *MM) mapNewAnon(v *vma, page uint64, old pagetable.PTE, f *physmem.Fram
 //
 // writable false makes the copy read-only (FAULT_FLAG_UNSHARE: KSM's
 // unmerge of a read-only mapping).
-func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool) (retry bool, err error) {
+func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool, cpu int) (retry bool, err error) {
 	src, err := mm.m.ram.Frame(physmem.PFN(old.PFN()))
 	if err != nil {
 		return false, err
@@ -212,14 +233,14 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 	if old&pagetable.Special == 0 && !mm.m.ram.TryGet(src) {
 		return true, nil // unmapped and freed meanwhile: look again
 	}
-	f, err := mm.allocAnon(v, page, src)
+	f, err := mm.allocAnon(v, page, src, cpu)
 	if old&pagetable.Special == 0 {
 		_ = mm.m.ram.Put(src) // the entry, if still there, holds its own
 	}
 	if err != nil {
 		return false, err
 	}
-	mm.m.lru.add(f, true) // before the entry can be visible, as in mapNewAnon
+	mm.m.lru.addOn(cpu, f, true) // before the entry can be visible, as in mapNewAnon
 	// The old page leaves: secondary MMUs must drop it first (wp_page_copy
 	// notifies MMU_NOTIFY_CLEAR).
 	r := mm.invalidateStart(page, page+PageSize, notifier.EventClear)
@@ -245,10 +266,10 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 	}
 	pt.Set(i, ne)
 	pt.Unlock()
-	mm.rss.Add(1)
-	if old&pagetable.Special == 0 {
+	if old&pagetable.Special != 0 {
+		mm.addRSS(cpu, 1) // the zero page was not counted; the copy replacing it is
+	} else {
 		src.DecMapCount()
-		mm.rss.Add(-1)
 		if err := mm.m.ram.Put(src); err != nil {
 			return false, err
 		}
@@ -259,9 +280,9 @@ func (mm *MM) copyOnWrite(v *vma, page uint64, old pagetable.PTE, writable bool)
 // allocAnon allocates a frame for anonymous memory at page of v, zeroed
 // or a copy of src, and gives it v's anon_vma as its mapping
 // (folio_add_new_anon_rmap).
-func (mm *MM) allocAnon(v *vma, page uint64, src *physmem.Frame) (*physmem.Frame, error) {
+func (mm *MM) allocAnon(v *vma, page uint64, src *physmem.Frame, cpu int) (*physmem.Frame, error) {
 	av := mm.anonVMA(v)
-	f, err := mm.m.allocFrame()
+	f, err := mm.m.allocFrameOn(cpu)
 	if err != nil {
 		return nil, fmt.Errorf("gomm: fault at %#x: %w", page, err)
 	}
@@ -297,10 +318,10 @@ func anonPTE(v *vma, f *physmem.Frame) pagetable.PTE {
 // (do_cow_fault). The page lock is held while the entry goes in, so a
 // truncation either sees the mapping and removes it, or comes first and
 // the fault sees the page gone.
-func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error) {
+func (mm *MM) fileFault(v *vma, page uint64, write bool, cpu int) (retry bool, err error) {
 	var cow *physmem.Frame
 	if write && !v.shared() {
-		if cow, err = mm.allocAnon(v, page, nil); err != nil {
+		if cow, err = mm.allocAnon(v, page, nil, cpu); err != nil {
 			return false, err
 		}
 	}
@@ -319,7 +340,7 @@ func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error)
 			_ = mm.m.ram.Put(cow)
 			return false, err
 		}
-		return mm.mapNewAnon(v, page, 0, cow, true)
+		return mm.mapNewAnon(v, page, 0, cow, true, cpu)
 	}
 	defer p.Unlock()
 	pt, err := mm.table.AllocLockPTE(page)
@@ -341,7 +362,7 @@ func (mm *MM) fileFault(v *vma, page uint64, write bool) (retry bool, err error)
 	p.IncMapCount() // the lookup's reference becomes the entry's
 	pt.Set(i, e)
 	pt.Unlock()
-	mm.rss.Add(1)
+	mm.addRSS(cpu, 1)
 	return false, nil
 }
 

@@ -255,7 +255,7 @@ func (mm *MM) installTable(batch []copiedEntry, k int) (int, error) {
 			mapped++
 		}
 	}
-	mm.rss.Add(mapped)
+	mm.addRSS(noCPU, mapped)
 	return k, nil
 }
 
@@ -317,7 +317,7 @@ func (mm *MM) installHuge(base uint64, e pagetable.PTE) error {
 		return err
 	}
 	if e&pagetable.Special == 0 {
-		mm.rss.Add(pagetable.Entries)
+		mm.addRSS(noCPU, pagetable.Entries)
 	}
 	return nil
 }

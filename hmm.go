@@ -113,7 +113,7 @@ func (mm *MM) RangeFault(r *HMMRange) error {
 			continue
 		}
 		if (r.Fault || r.FaultWrite) && (!e.IsPresent() || e&pagetable.User == 0 || (r.FaultWrite && !e.IsWritable())) {
-			if err := mm.faultLocked(v, va, acc); err != nil {
+			if err := mm.faultLocked(v, va, acc, noCPU); err != nil {
 				r.PFNs[i].Flags = PFNError
 				return err
 			}

@@ -147,7 +147,7 @@ func (mm *MM) unmergeLocked(start, end uint64) error {
 			if !mm.mapsKSMPage(e) {
 				break
 			}
-			if _, err := mm.copyOnWrite(v, va, e, v.prot&ProtWrite != 0); err != nil {
+			if _, err := mm.copyOnWrite(v, va, e, v.prot&ProtWrite != 0, noCPU); err != nil {
 				return err
 			}
 		}

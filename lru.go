@@ -15,15 +15,25 @@ import (
 // free hook would then leave on its list). The lists hold no references:
 // a frame leaves its list when it is freed (the allocator's free hook),
 // and reclaim takes a reference before it looks at one.
+//
+// A fault on a CPU does not take mu for its new page: addOn queues it on
+// the CPU's batch (the per-CPU lru_add folio_batch), and the batch joins
+// the lists under one acquisition of mu when it is full or drained. A
+// queued frame is flagged FlagLRUPending; a free takes it off its batch
+// (the free hook), so a batch never puts a free frame on a list. Reclaim
+// and Stats drain every batch first.
+//
+// Lock order: a batch's mu, then the lists' mu.
 type lru struct {
-	ram  *physmem.Allocator
-	mu   sync.Mutex
-	next []uint32  // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
-	prev []uint32  // protected by mu
-	on   []uint8   // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
-	head [3]uint32 // pfn+1 of each list's first frame, 0 when empty; protected by mu
-	tail [3]uint32 // pfn+1 of each list's last frame; protected by mu
-	n    [3]int    // frames on each list; protected by mu
+	ram     *physmem.Allocator
+	batches []lruBatch // one per CPU; fixed at creation
+	mu      sync.Mutex
+	next    []uint32  // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
+	prev    []uint32  // protected by mu
+	on      []uint8   // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
+	head    [3]uint32 // pfn+1 of each list's first frame, 0 when empty; protected by mu
+	tail    [3]uint32 // pfn+1 of each list's last frame; protected by mu
+	n       [3]int    // frames on each list; protected by mu
 }
 
 const (
@@ -32,9 +42,131 @@ const (
 	lruActive
 )
 
-func newLRU(ram *physmem.Allocator) *lru {
+func newLRU(ram *physmem.Allocator, cpus int) *lru {
 	n := ram.Frames()
-	return &lru{ram: ram, next: make([]uint32, n), prev: make([]uint32, n), on: make([]uint8, n)}
+	return &lru{ram: ram, batches: make([]lruBatch, cpus),
+		next: make([]uint32, n), prev: make([]uint32, n), on: make([]uint8, n)}
+}
+
+// lruBatchSize is how many frames a CPU queues before they join the
+// lists (the kernel's folio_batch holds 31).
+const lruBatchSize = 31
+
+// lruBatch is one CPU's frames waiting to join the lists.
+type lruBatch struct {
+	mu     sync.Mutex
+	n      int                       // protected by mu
+	frames [lruBatchSize]queuedFrame // frames[:n] are queued; protected by mu
+	// The batches are an array: the padding keeps each CPU's lock off
+	// the cache lines of its neighbours'.
+	_ [64]byte
+}
+
+type queuedFrame struct {
+	f      *physmem.Frame
+	active bool
+}
+
+// addOn is add for a fault on the given CPU: f is queued on the CPU's
+// batch, which joins the lists when it is full. A cpu without a batch
+// adds at once.
+func (l *lru) addOn(cpu int, f *physmem.Frame, active bool) {
+	if cpu < 0 || cpu >= len(l.batches) {
+		l.add(f, active)
+		return
+	}
+	b := &l.batches[cpu]
+	b.mu.Lock()
+	// Active is set now, as the kernel sets PG_active before the batch
+	// moves the folio to the list it names: a migration of the frame
+	// before the batch drains keeps the new frame active too.
+	pending := physmem.FlagLRUPending
+	if active {
+		pending |= physmem.FlagActive
+	}
+	f.SetFlags(pending)
+	b.frames[b.n] = queuedFrame{f, active}
+	if b.n++; b.n == lruBatchSize {
+		l.drainLocked(b)
+	}
+	b.mu.Unlock()
+}
+
+// drainLocked moves a batch's frames onto the lists. A frame that got on
+// a list meanwhile (a direct add) stays where it is; a frame mlocked
+// meanwhile is unevictable and stays off. Called with b.mu held.
+func (l *lru) drainLocked(b *lruBatch) {
+	if b.n == 0 {
+		return
+	}
+	l.mu.Lock()
+	for _, q := range b.frames[:b.n] {
+		pfn := uint32(q.f.PFN())
+		switch {
+		case l.on[pfn] != lruNone:
+			// Listed meanwhile by a direct add, whose flags stand.
+			q.f.ClearFlags(physmem.FlagLRUPending)
+		case q.f.Has(physmem.FlagMlocked):
+			q.f.ClearFlags(physmem.FlagLRUPending | physmem.FlagActive)
+		default:
+			which := lruInactive
+			if q.active {
+				which = lruActive
+			}
+			l.pushLocked(pfn, which)
+			// Flagged listed before unflagged queued: the free hook,
+			// which looks at the flags without mu, sees one or the
+			// other.
+			q.f.SetFlags(physmem.FlagLRU)
+			q.f.ClearFlags(physmem.FlagLRUPending)
+		}
+	}
+	l.mu.Unlock()
+	clear(b.frames[:b.n])
+	b.n = 0
+}
+
+// drainAll moves every CPU's batch onto the lists (lru_add_drain_all).
+func (l *lru) drainAll() {
+	for i := range l.batches {
+		b := &l.batches[i]
+		b.mu.Lock()
+		l.drainLocked(b)
+		b.mu.Unlock()
+	}
+}
+
+// unqueue takes a frame being freed off whichever batch holds it. The
+// frame has no references, so nobody queues it again meanwhile; if a
+// drain moved it to a list first, it is flagged FlagLRU by the time
+// unqueue returns, for the caller to take it off.
+func (l *lru) unqueue(f *physmem.Frame) {
+	for i := range l.batches {
+		b := &l.batches[i]
+		b.mu.Lock()
+		for j := range b.n {
+			if b.frames[j].f == f {
+				b.n--
+				b.frames[j] = b.frames[b.n]
+				b.frames[b.n] = queuedFrame{}
+				f.ClearFlags(physmem.FlagLRUPending)
+				b.mu.Unlock()
+				return
+			}
+		}
+		b.mu.Unlock()
+	}
+}
+
+// freed is the allocator's free hook: a frame being freed leaves its
+// batch and its list.
+func (l *lru) freed(f *physmem.Frame) {
+	if f.Has(physmem.FlagLRUPending) {
+		l.unqueue(f)
+	}
+	if f.Has(physmem.FlagLRU) {
+		l.del(f)
+	}
 }
 
 // add puts f at the head of a list, if it is on none (folio_add_lru).
@@ -53,6 +185,8 @@ func (l *lru) add(f *physmem.Frame, active bool) {
 	f.SetFlags(physmem.FlagLRU)
 	if active {
 		f.SetFlags(physmem.FlagActive)
+	} else if f.Has(physmem.FlagActive) {
+		f.ClearFlags(physmem.FlagActive) // queued active, listed inactive
 	}
 }
 
@@ -103,6 +237,11 @@ func (l *lru) del(f *physmem.Frame) {
 // under one acquisition of mu (release_pages holds the lruvec lock across
 // a batch): the allocator's batch free hook.
 func (l *lru) delFreed(fs []*physmem.Frame) {
+	for _, f := range fs {
+		if f.Has(physmem.FlagLRUPending) {
+			l.unqueue(f)
+		}
+	}
 	locked := false
 	for _, f := range fs {
 		if !f.Has(physmem.FlagLRU) {

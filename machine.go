@@ -95,7 +95,11 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if cfg.THP < THPMadvise || cfg.THP > THPNever {
 		return nil, fmt.Errorf("gomm: %v: %w", cfg.THP, ErrInvalid)
 	}
-	ram, err := physmem.New(cfg.Frames)
+	if cfg.CPUs < 0 || cfg.CPUs > tlb.MaxCPUs {
+		// Checked before the per-CPU caches are sized by it.
+		return nil, fmt.Errorf("gomm: %d CPUs (1..%d): %w", cfg.CPUs, tlb.MaxCPUs, ErrInvalid)
+	}
+	ram, err := physmem.New(cfg.Frames, physmem.CPUCaches(cfg.CPUs))
 	if err != nil {
 		return nil, err
 	}
@@ -106,15 +110,11 @@ func NewMachine(cfg Config) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(ram), ksm: newKSM()}
+	m := &Machine{cfg: cfg, ram: ram, lru: newLRU(ram, cfg.CPUs), ksm: newKSM()}
 	if cfg.SwapSlots > 0 {
 		m.swap = newSwapDevice(ram, cfg.SwapSlots)
 	}
-	ram.OnFreeBatch(func(f *physmem.Frame) {
-		if f.Has(physmem.FlagLRU) {
-			m.lru.del(f)
-		}
-	}, m.lru.delFreed)
+	ram.OnFreeBatch(m.lru.freed, m.lru.delFreed)
 	if cfg.Check {
 		m.chk = check.New()
 		ram.OnFree(func(f *physmem.Frame) { m.chk.FrameFreed(uint64(f.PFN())) })
@@ -184,6 +184,7 @@ func (m *Machine) Stats() Stats {
 	st := Stats{TLB: m.sys.Stats(), RAM: m.ram.Stats(), Reclaim: m.reclaimed.snapshot(), Swap: m.swap.stats(),
 		AnonVMAs: m.anonVMAs.Live(), Checks: m.chk.Checks(), THP: m.thp.snapshot(),
 		Injected: m.injected.snapshot()}
+	m.lru.drainAll() // so that the lists count every page faulted in
 	st.LRU.Inactive, st.LRU.Active = m.lru.lens()
 	return st
 }

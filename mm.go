@@ -44,9 +44,10 @@ type MM struct {
 	// mmap_lock only for read (the kernel uses the page_table_lock).
 	anonMu sync.Mutex
 
-	users  atomic.Int64  // mm_users
-	rss    atomic.Int64  // frames mapped: anonymous, page cache, KSM (MM_ANONPAGES + MM_FILEPAGES)
-	faults atomic.Uint64 // faults handled
+	users atomic.Int64 // mm_users
+	// counters are the rss (frames mapped: anonymous, page cache, KSM;
+	// MM_ANONPAGES + MM_FILEPAGES) and faults handled, per CPU.
+	counters []mmCounters
 
 	// Page tables live in RAM, as in the kernel: each table allocation
 	// takes a frame, released when the table is freed and poisoned.
@@ -57,7 +58,7 @@ type MM struct {
 // NewMM creates an empty address space with one user reference, which
 // Exit drops.
 func (m *Machine) NewMM() *MM {
-	mm := &MM{m: m, vmas: newVMATree()}
+	mm := &MM{m: m, vmas: newVMATree(), counters: make([]mmCounters, m.cfg.CPUs+1)}
 	mm.table = pagetable.New(pagetable.Options{AllocHook: mm.chargeTable})
 	mm.mmapLock.Init(locks.ClassMmapLock)
 	mm.ctx = m.sys.NewContext(mm.table, mm, nil)
@@ -127,10 +128,44 @@ func (mm *MM) Users() int64 { return mm.users.Load() }
 
 // RSS returns the number of frames mapped (anonymous, page cache and
 // KSM pages; not the zero page).
-func (mm *MM) RSS() int64 { return mm.rss.Load() }
+func (mm *MM) RSS() int64 {
+	var n int64
+	for i := range mm.counters {
+		n += mm.counters[i].rss.Load()
+	}
+	return n
+}
 
 // Faults returns the number of faults handled.
-func (mm *MM) Faults() uint64 { return mm.faults.Load() }
+func (mm *MM) Faults() uint64 {
+	var n uint64
+	for i := range mm.counters {
+		n += mm.counters[i].faults.Load()
+	}
+	return n
+}
+
+// mmCounters are one CPU's share of an MM's counters (the kernel's
+// percpu rss_stat): CPUs faulting at once each count on a cache line of
+// their own, and a read sums them. One more is shared by everything that
+// is not a CPU's fault.
+type mmCounters struct {
+	rss    atomic.Int64
+	faults atomic.Uint64
+	_      [64 - 16]byte
+}
+
+// countersOn returns cpu's counters, or the shared ones for noCPU or a
+// CPU the machine does not have.
+func (mm *MM) countersOn(cpu int) *mmCounters {
+	if cpu < 0 || cpu >= len(mm.counters)-1 {
+		return &mm.counters[len(mm.counters)-1]
+	}
+	return &mm.counters[cpu]
+}
+
+// addRSS counts n frames mapped (or unmapped, negative) by cpu.
+func (mm *MM) addRSS(cpu int, n int64) { mm.countersOn(cpu).rss.Add(n) }
 
 // VMAs returns the mappings, in address order.
 func (mm *MM) VMAs() []VMA {

@@ -126,7 +126,7 @@ func (mm *MM) populateLocked(start, end uint64) error {
 			acc = pagetable.AccessWrite
 		}
 		for va := max(start, v.Start); va < min(end, v.End); va += PageSize {
-			if err := mm.faultLocked(v, va, acc); err != nil {
+			if err := mm.faultLocked(v, va, acc, noCPU); err != nil {
 				return err
 			}
 			if _, level := mm.table.Lookup(va); level == pagetable.LevelPMD {
@@ -250,7 +250,7 @@ func (mm *MM) zapAndFree(vs []*vma, start, end uint64, fullMM bool) error {
 	var err error
 	for _, v := range vs {
 		st, zerr := g.Zap(v.Start, v.End)
-		mm.rss.Add(-int64(st.Frames))
+		mm.addRSS(noCPU, -int64(st.Frames))
 		if zerr != nil && err == nil {
 			err = zerr
 		}

@@ -241,7 +241,7 @@ func (mm *MM) zapRange(op string, start, end uint64) error {
 	r := mm.invalidateStart(start, end, notifier.EventClear)
 	g := newGather(mm)
 	st, err := g.Zap(start, end)
-	mm.rss.Add(-int64(st.Frames))
+	mm.addRSS(noCPU, -int64(st.Frames))
 	if ferr := g.Finish(); err == nil {
 		err = ferr
 	}

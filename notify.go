@@ -131,7 +131,7 @@ func (mm *MM) Reap() (ReapStats, error) {
 		}
 		g := newGather(mm)
 		zs, zerr := g.Zap(v.Start, v.End)
-		mm.rss.Add(-int64(zs.Frames))
+		mm.addRSS(noCPU, -int64(zs.Frames))
 		st.Reaped += zs.Frames
 		if ferr := g.Finish(); zerr == nil {
 			zerr = ferr

@@ -42,6 +42,7 @@ func (c *reclaimCounters) snapshot() ReclaimStats {
 // it did; freeing fewer than n is not an error.
 func (m *Machine) Reclaim(n int) ReclaimStats {
 	var st reclaimCounters
+	m.lru.drainAll() // a page still queued on a CPU's batch is not on a list yet
 	inactive, active := m.lru.lens()
 	budget := 2 * (inactive + active)
 	// Frames that stay inactive go back on the list only when the scan
@@ -207,10 +208,16 @@ func (m *Machine) shrink(f *physmem.Frame, st *reclaimCounters) (inactive bool) 
 // allocator's slow path with direct reclaim): it fails with ErrNoMem only
 // when reclaim frees nothing. Callers hold no page-table or rmap lock.
 func (m *Machine) allocFrame() (*physmem.Frame, error) {
+	return m.allocFrameOn(noCPU)
+}
+
+// allocFrameOn is allocFrame for code running on cpu: the frame comes
+// from the CPU's cache.
+func (m *Machine) allocFrameOn(cpu int) (*physmem.Frame, error) {
 	if m.shouldFail(InjectFrame) {
 		return nil, errInjected("frame")
 	}
-	return withReclaim(m, m.ram.Alloc)
+	return withReclaim(m, func() (*physmem.Frame, error) { return m.ram.AllocOn(cpu) })
 }
 
 // withReclaim runs alloc, and while it fails with ErrNoMem and reclaim

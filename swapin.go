@@ -12,7 +12,7 @@ import (
 // gives up its slot reference; when it was the last, the page leaves
 // the swap cache and a write fault maps it writable at once; else a read
 // maps it read-only and a write maps a private copy, in the same fault.
-func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bool, err error) {
+func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool, cpu int) (retry bool, err error) {
 	s, _ := e.Swap()
 	if s.Type != 0 || mm.m.swap == nil {
 		return false, errBadSwap(page, e)
@@ -63,12 +63,12 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 		// reclaimed again (by the copy's own direct reclaim, say)
 		// before the write's next fault, and the write would fault
 		// again and again while each fault reports success.
-		cp, err := mm.allocAnon(v, page, f)
+		cp, err := mm.allocAnon(v, page, f, cpu)
 		_ = mm.m.ram.Put(f) // the swap cache still holds it
 		if err != nil {
 			return false, err
 		}
-		retry, err := mm.mapNewAnon(v, page, e, cp, write)
+		retry, err := mm.mapNewAnon(v, page, e, cp, write, cpu)
 		if err == nil && !retry {
 			mm.m.swap.putEntry(slot) // the entry no longer names the slot
 		}
@@ -105,7 +105,7 @@ func (mm *MM) swapIn(v *vma, page uint64, e pagetable.PTE, write bool) (retry bo
 	f.IncMapCount() // our reference becomes the entry's
 	pt.Set(i, ne)
 	pt.Unlock()
-	mm.rss.Add(1)
+	mm.addRSS(cpu, 1)
 	return false, nil
 }
 

@@ -233,7 +233,7 @@ func (mm *MM) newHugeAnon(v *vma, base uint64) (installed, raced bool) {
 	}
 	_, _ = s.Set(e)
 	s.Unlock()
-	mm.rss.Add(pagetable.Entries)
+	mm.addRSS(noCPU, pagetable.Entries)
 	mm.m.thp.faultAlloc.Add(1)
 	return true, false
 }

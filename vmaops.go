@@ -16,7 +16,7 @@ func (s *space) ID() uint64                { return (*MM)(s).ID() }
 func (s *space) Table() *pagetable.Table   { return s.table }
 func (s *space) Context() *tlb.Context     { return s.ctx }
 func (s *space) Notifiers() *notifier.List { return &s.notifiers }
-func (s *space) Unmapped(*physmem.Frame)   { s.rss.Add(-1) }
+func (s *space) Unmapped(*physmem.Frame)   { (*MM)(s).addRSS(noCPU, -1) }
 func (mm *MM) space() *space               { return (*space)(mm) }
 
 // newVMA makes a VMA of mm, not yet in the tree: anonymous when file is

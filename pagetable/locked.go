@@ -31,7 +31,7 @@ func (p PTETable) Index(va uint64) int { return pteIndex(va) }
 func (p PTETable) VA(i int) uint64 { return p.base + uint64(i)<<PageShift }
 
 // Count returns how many entries are not none.
-func (p PTETable) Count() int { return int(p.pmd.nr[p.slot]) }
+func (p PTETable) Count() int { return int(p.pmd.ptl[p.slot].nr) }
 
 // Get returns entry i (ptep_get).
 func (p PTETable) Get(i int) PTE { return PTE(p.page[i].Load()) }
@@ -86,7 +86,7 @@ func (p PTETable) GetAndClearRange(first, last int) iter.Seq2[int, PTE] {
 				break
 			}
 		}
-		p.pmd.nr[p.slot] -= cleared
+		p.pmd.ptl[p.slot].nr -= cleared
 	}
 }
 
@@ -140,18 +140,18 @@ func (p PTETable) WriteProtect(i int) PTE {
 }
 
 // Unlock releases the table's lock.
-func (p PTETable) Unlock() { p.pmd.ptl[p.slot].Unlock() }
+func (p PTETable) Unlock() { p.pmd.ptl[p.slot].lock.Unlock() }
 
 // IsContended reports whether another goroutine waits for this table's
 // lock, for long loops that want to break the lock.
-func (p PTETable) IsContended() bool { return p.pmd.ptl[p.slot].IsContended() }
+func (p PTETable) IsContended() bool { return p.pmd.ptl[p.slot].lock.IsContended() }
 
 func (p PTETable) account(old, e PTE) {
 	switch {
 	case old == 0 && e != 0:
-		p.pmd.nr[p.slot]++
+		p.pmd.ptl[p.slot].nr++
 	case old != 0 && e == 0:
-		p.pmd.nr[p.slot]--
+		p.pmd.ptl[p.slot].nr--
 	}
 }
 
@@ -192,10 +192,10 @@ func (t *Table) lockPTE(va uint64, alloc bool) (PTETable, bool, error) {
 			}
 			continue
 		}
-		pmd.ptl[i].Lock()
+		pmd.ptl[i].lock.Lock()
 		if pmd.next[i].Load() != page {
 			// Freed (or replaced) while we waited for its lock.
-			pmd.ptl[i].Unlock()
+			pmd.ptl[i].lock.Unlock()
 			continue
 		}
 		return PTETable{pmd: pmd, slot: i, page: page, base: va &^ (HugeSize - 1)}, true, nil
@@ -313,10 +313,10 @@ func (s PMDSlot) Split() error {
 	// PMD entry as zero must find the table.
 	// The new table's lock is held until the late A/D bits are in, so no
 	// locked operation sees the table half made.
-	ptl := &s.pmd.ptl[s.slot]
+	ptl := &s.pmd.ptl[s.slot].lock
 	ptl.Lock()
 	defer ptl.Unlock()
-	s.pmd.nr[s.slot] = Entries
+	s.pmd.ptl[s.slot].nr = Entries
 	s.pmd.next[s.slot].Store(page)
 	final := PTE(s.pmd.entries[s.slot].Swap(0))
 	if late := final &^ e & (Accessed | Dirty); late != 0 {

@@ -125,13 +125,13 @@ func (t *Table) visitSlot(pmd *pmdTable, i int, base uint64, first, last int, fn
 		if page == nil || fns.PTEs == nil {
 			return true
 		}
-		pmd.ptl[i].Lock()
+		pmd.ptl[i].lock.Lock()
 		if pmd.next[i].Load() != page {
-			pmd.ptl[i].Unlock()
+			pmd.ptl[i].lock.Unlock()
 			continue
 		}
 		cont := fns.PTEs(PTETable{pmd: pmd, slot: i, page: page, base: base}, first, last)
-		pmd.ptl[i].Unlock()
+		pmd.ptl[i].lock.Unlock()
 		return cont
 	}
 }
@@ -240,9 +240,9 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	if page == nil {
 		return freed
 	}
-	pmd.ptl[i].Lock()
-	defer pmd.ptl[i].Unlock()
-	if pmd.nr[i] != 0 {
+	pmd.ptl[i].lock.Lock()
+	defer pmd.ptl[i].lock.Unlock()
+	if pmd.ptl[i].nr != 0 {
 		return freed
 	}
 	pmd.next[i].Store(nil)

@@ -101,8 +101,7 @@ type ptePage [Entries]atomic.Uint64
 type pmdTable struct {
 	entries [Entries]atomic.Uint64           // leaf or non-present PMD entries; 0 if empty or a table
 	next    [Entries]atomic.Pointer[ptePage] // PTE tables; written under lock
-	ptl     [Entries]locks.SpinLock          // split ptlocks
-	nr      [Entries]uint16                  // non-none entries of next[i]; protected by ptl[i]
+	ptl     [Entries]ptlSlot                 // split ptlocks and their tables' counts
 	present bitmap                           // slots holding a table or a non-zero entry
 	lock    locks.SpinLock                   // the split PMD lock: installs, removals, leaves
 	count   int                              // populated slots; protected by lock
@@ -112,6 +111,21 @@ type pmdTable struct {
 	// allocates; nil until the first Deposit. Protected by lock.
 	deposit map[int]*ptePage
 }
+
+// ptlSlot is one PTE table's split lock and the count it protects,
+// alone on a cache line: CPUs faulting in neighbouring 2 MiB regions
+// take neighbouring locks, and packed together each lock and count
+// update would take the line from the other CPU (the kernel's ptlock
+// lives in the PTE table's own struct page). ptl starts 8 KiB into a
+// pmdTable, itself a page-aligned large allocation, so the lines are
+// the slots.
+type ptlSlot struct {
+	lock locks.SpinLock
+	nr   uint16 // non-none entries of the slot's PTE table; protected by lock
+	_    [cacheLine - unsafe.Sizeof(locks.SpinLock{}) - 2]byte
+}
+
+const cacheLine = 64
 
 // pudTable is a PUD table; every populated slot is a PMD table.
 type pudTable struct {
@@ -243,7 +257,7 @@ func newPMDTable() *pmdTable {
 	m := new(pmdTable)
 	m.lock.Init(locks.ClassPMDLock)
 	for i := range m.ptl {
-		m.ptl[i].Init(locks.ClassPTLock)
+		m.ptl[i].lock.Init(locks.ClassPTLock)
 	}
 	return m
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"testing"
+	"unsafe"
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/stretchr/testify/assert"
@@ -590,4 +591,13 @@ func TestGetAndClearRange(t *testing.T) {
 			pt.Unlock()
 		})
 	}
+}
+
+// TestSplitLocksHaveALineEach: each PTE table's lock and count fill one
+// cache line of their own, at a line boundary of the PMD table, so CPUs
+// working in neighbouring 2 MiB regions share no line through them.
+func TestSplitLocksHaveALineEach(t *testing.T) {
+	var pmd pmdTable
+	assert.Equal(t, uintptr(cacheLine), unsafe.Sizeof(ptlSlot{}))
+	assert.Zero(t, unsafe.Offsetof(pmd.ptl)%cacheLine)
 }

@@ -35,6 +35,11 @@ const (
 	FlagMlocked                      // mlocked, not reclaimable (PG_mlocked)
 	FlagHWPoison                     // hardware-poisoned (PG_hwpoison)
 	FlagPinned                       // has a long-term pin (FOLL_PIN accounting)
+	// FlagLRUPending: queued on a CPU's LRU-add batch, not on a list
+	// yet. The kernel's batch holds a reference instead; gomm's free
+	// path takes a queued frame off its batch, so queueing a frame
+	// changes neither its reference count nor when it is freed.
+	FlagLRUPending
 
 	// flagDeviceFree marks a device-private frame its driver owns: freed
 	// and released, not yet handed out again. Managed by DeviceRegion.
@@ -47,7 +52,7 @@ const (
 )
 
 var flagNames = []string{"anon", "dirty", "referenced", "swapbacked", "ksm", "uptodate",
-	"writeback", "swapcache", "lru", "active", "mlocked", "hwpoison", "pinned"}
+	"writeback", "swapcache", "lru", "active", "mlocked", "hwpoison", "pinned", "lru-pending"}
 
 func (f Flags) String() string {
 	if f == 0 {

@@ -16,6 +16,15 @@ type FaultHandler interface {
 	HandleFault(va uint64, acc pagetable.Access) error
 }
 
+// CPUFaultHandler is a FaultHandler that is told which CPU faulted, for
+// state it keeps per CPU (frame caches, LRU batches, counters), as the
+// kernel's fault path uses the CPU it runs on. A CPU calls HandleFaultOn
+// instead of HandleFault when its context's handler implements it.
+type CPUFaultHandler interface {
+	FaultHandler
+	HandleFaultOn(cpu int, va uint64, acc pagetable.Access) error
+}
+
 // SecondaryTLBs is told about every TLB flush of a context, after the
 // CPUs flushed and before the caller frees what the flush covered: the
 // call site of invalidate_secondary_tlbs, for devices that walk the CPU
@@ -32,6 +41,9 @@ type Context struct {
 	sys   *System
 	table *pagetable.Table
 	fault FaultHandler
+	// faultOn is fault as a CPUFaultHandler, nil if it is not one: the
+	// type is asserted once, not on every fault.
+	faultOn CPUFaultHandler
 
 	// gen is the TLB generation (mm->context.tlb_gen): bumped by every
 	// flush request; a CPU whose local generation is behind has stale
@@ -64,6 +76,7 @@ func (s *System) NewContext(table *pagetable.Table, fault FaultHandler, onFree f
 		cpumask: make([]atomic.Uint64, (len(s.cpus)+63)/64),
 		onFree:  onFree,
 	}
+	c.faultOn, _ = fault.(CPUFaultHandler)
 	c.gen.Store(1)
 	c.count.Store(1)
 	return c

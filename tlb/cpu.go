@@ -427,11 +427,18 @@ func (c *CPU) pin(va uint64, acc pagetable.Access) (*physmem.Frame, error) {
 		if !handled {
 			return nil, c.pageFault(va, acc, tr)
 		}
-		if err := ctx.fault.HandleFault(va, acc); err != nil {
+		if err := c.handleFault(ctx, va, acc); err != nil {
 			return nil, err
 		}
 	}
 	return nil, fmt.Errorf("tlb: cpu%d: %v at %#x still faults after %d retries: %w", c.id, acc, va, maxFaultRetries, ErrFault)
+}
+
+func (c *CPU) handleFault(ctx *Context, va uint64, acc pagetable.Access) error {
+	if ctx.faultOn != nil {
+		return ctx.faultOn.HandleFaultOn(c.id, va, acc)
+	}
+	return ctx.fault.HandleFault(va, acc)
 }
 
 func checkAligned(va uint64, size uint64) error {

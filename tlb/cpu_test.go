@@ -1,11 +1,11 @@
 package tlb_test
 
 import (
-	"github.com/gomm-dev/gomm/internal/testrig"
 	"testing"
 
 	"github.com/gomm-dev/gomm/errno"
 	"github.com/gomm-dev/gomm/internal/check"
+	"github.com/gomm-dev/gomm/internal/testrig"
 	"github.com/gomm-dev/gomm/pagetable"
 	"github.com/gomm-dev/gomm/physmem"
 	"github.com/gomm-dev/gomm/tlb"
@@ -102,6 +102,34 @@ func TestAccessesFaultInAndTypedErrors(t *testing.T) {
 
 	require.NoError(t, s.Table.Map(0x9000, pagetable.NewPTE(1, pagetable.User)))
 	assert.ErrorIs(t, cpu.Store64(0x9000, 1), tlb.ErrFault, "write to a read-only page the handler refuses")
+}
+
+// faultsByCPU is a toy mm's fault handler that is told the CPU.
+type faultsByCPU struct {
+	*testrig.Space
+	cpus []int // the CPU of each fault, in order
+}
+
+func (h *faultsByCPU) HandleFaultOn(cpu int, va uint64, acc pagetable.Access) error {
+	h.cpus = append(h.cpus, cpu)
+	return h.HandleFault(va, acc)
+}
+
+// TestCPUFaultHandlerIsToldTheCPU: a handler that implements
+// CPUFaultHandler gets every fault through HandleFaultOn, with the
+// faulting CPU's number.
+func TestCPUFaultHandlerIsToldTheCPU(t *testing.T) {
+	r := testrig.New(t, 3, tlb.LazyRefcount)
+	h := &faultsByCPU{Space: r.NewSpace()}
+	ctx := r.Sys.NewContext(h.Table, h, nil)
+	for _, id := range []int{2, 0} {
+		cpu := r.Sys.CPU(id)
+		cpu.Switch(tlb.NewUserTask("t", ctx))
+		require.NoError(t, cpu.Store64(0x1000*uint64(id+1), 1))
+		_, err := cpu.Load64(0x1000 * uint64(id+1)) // a TLB hit: no fault
+		require.NoError(t, err)
+	}
+	assert.Equal(t, []int{2, 0}, h.cpus)
 }
 
 func TestProtectionUpgradeNeedsNoFlush(t *testing.T) {

@@ -68,8 +68,10 @@ const (
 	DefaultTLBEntries  = 64
 	DefaultHugeEntries = 8
 	tlbWays            = 4
-	maxCPUs            = 256
 )
+
+// MaxCPUs is the most CPUs a System may have.
+const MaxCPUs = 256
 
 // Stats are the System's counters.
 type Stats struct {
@@ -113,8 +115,8 @@ func NewSystem(cfg Config) (*System, error) {
 		cfg.HugeEntries = DefaultHugeEntries
 	}
 	switch {
-	case cfg.CPUs < 1 || cfg.CPUs > maxCPUs:
-		return nil, fmt.Errorf("tlb: %d CPUs (1..%d): %w", cfg.CPUs, maxCPUs, ErrInvalid)
+	case cfg.CPUs < 1 || cfg.CPUs > MaxCPUs:
+		return nil, fmt.Errorf("tlb: %d CPUs (1..%d): %w", cfg.CPUs, MaxCPUs, ErrInvalid)
 	case cfg.TLBEntries < tlbWays || cfg.TLBEntries&(cfg.TLBEntries-1) != 0 || cfg.TLBEntries > 1<<16:
 		return nil, fmt.Errorf("tlb: %d TLB entries (a power of two, %d..65536): %w", cfg.TLBEntries, tlbWays, ErrInvalid)
 	case cfg.HugeEntries < 1 || cfg.HugeEntries > 1024:
