@@ -50,6 +50,7 @@ func FuzzSyscalls(f *testing.F) {
 	f.Add(append(fuzzStep(0, 0, 0x2000, 0x8022_0003), fuzzStep(2, 0x10000000, 0x1000, 1)...))
 	f.Add(append(fuzzStep(0, 0x10000000, 0x4000, 0x32_0003), fuzzStep(4, 0x10000000, 0x4000, 0x1_0000_2000)...))
 	f.Add(fuzzStep(5, 0x7fff_ffff_0000, 0x2000000, 0))
+	f.Add(append(fuzzStep(0, 0x10000000, 0x3000, 0x22_0003), fuzzStep(5, 0x10001000, 2, 1)...))
 	f.Add(append(fuzzStep(9, 0x10000000, 0x3000, 0x11_0003), fuzzStep(12, 0x2000, 9, 0)...))
 	f.Add(append(append(fuzzStep(0, 0x10000000, 0x4000, 0x8032_0003), fuzzStep(3, 0x10000000, 0x4000, 12)...), fuzzStep(13, 0, 64, 1)...))
 	f.Add(append(fuzzStep(0, 0x10000000, 0x4000, 0x8032_0003), fuzzStep(11, 0x10000000, 0, 0)...))
@@ -88,7 +89,12 @@ func FuzzSyscalls(f *testing.F) {
 				_, err = mm.Mremap(a, b, c&0xffff_ffff_ffff, gomm.MremapFlags(c>>48), a^c)
 			case 5:
 				mutates = false
-				err = mm.HandleFault(a, pagetable.Access(b&7))
+				if c&1 == 0 {
+					err = mm.HandleFault(a, pagetable.Access(b&7))
+				} else {
+					// Any CPU number: one the machine lacks counts as none.
+					err = mm.HandleFaultOn(int(int64(c)>>1), a, pagetable.Access(b&7))
+				}
 			case 6:
 				mutates = false
 				buf := make([]byte, b%9000)

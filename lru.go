@@ -28,12 +28,18 @@ type lru struct {
 	ram     *physmem.Allocator
 	batches []lruBatch // one per CPU; fixed at creation
 	mu      sync.Mutex
-	next    []uint32  // pfn+1 of the next frame toward the tail, 0 at the end; protected by mu
-	prev    []uint32  // protected by mu
-	on      []uint8   // which list a frame is on (lruNone, lruInactive, lruActive); protected by mu
+	links   []lruLink // by pfn; protected by mu
 	head    [3]uint32 // pfn+1 of each list's first frame, 0 when empty; protected by mu
 	tail    [3]uint32 // pfn+1 of each list's last frame; protected by mu
 	n       [3]int    // frames on each list; protected by mu
+}
+
+// lruLink is a frame's place on the lists (the kernel's folio->lru):
+// together, so that linking a frame in or out misses the cache once,
+// not once per field.
+type lruLink struct {
+	next, prev uint32 // pfn+1 of the neighbours toward the tail and the head, 0 at the ends
+	on         uint8  // which list the frame is on (lruNone, lruInactive, lruActive)
 }
 
 const (
@@ -44,8 +50,7 @@ const (
 
 func newLRU(ram *physmem.Allocator, cpus int) *lru {
 	n := ram.Frames()
-	return &lru{ram: ram, batches: make([]lruBatch, cpus),
-		next: make([]uint32, n), prev: make([]uint32, n), on: make([]uint8, n)}
+	return &lru{ram: ram, batches: make([]lruBatch, cpus), links: make([]lruLink, n)}
 }
 
 // lruBatchSize is how many frames a CPU queues before they join the
@@ -65,6 +70,7 @@ type lruBatch struct {
 type queuedFrame struct {
 	f      *physmem.Frame
 	active bool
+	listed bool // on a list already, by a direct add: set and used by a drain
 }
 
 // addOn is add for a fault on the given CPU: f is queued on the CPU's
@@ -85,7 +91,7 @@ func (l *lru) addOn(cpu int, f *physmem.Frame, active bool) {
 		pending |= physmem.FlagActive
 	}
 	f.SetFlags(pending)
-	b.frames[b.n] = queuedFrame{f, active}
+	b.frames[b.n] = queuedFrame{f: f, active: active}
 	if b.n++; b.n == lruBatchSize {
 		l.drainLocked(b)
 	}
@@ -99,11 +105,24 @@ func (l *lru) drainLocked(b *lruBatch) {
 	if b.n == 0 {
 		return
 	}
+	// The frames were last touched a batch of faults ago, and their
+	// lines may have left the nearest caches since: fetch them all at
+	// once before the lock, rather than one miss after another under it.
+	for _, q := range b.frames[:b.n] {
+		q.f.Flags()
+	}
 	l.mu.Lock()
+	// Decide first, then link: the decisions read every frame's link in
+	// a row, so their misses overlap instead of following one another
+	// under the lock.
+	for i := range b.frames[:b.n] {
+		q := &b.frames[i]
+		q.listed = l.links[q.f.PFN()].on != lruNone
+	}
 	for _, q := range b.frames[:b.n] {
 		pfn := uint32(q.f.PFN())
 		switch {
-		case l.on[pfn] != lruNone:
+		case q.listed:
 			// Listed meanwhile by a direct add, whose flags stand.
 			q.f.ClearFlags(physmem.FlagLRUPending)
 		case q.f.Has(physmem.FlagMlocked):
@@ -114,11 +133,9 @@ func (l *lru) drainLocked(b *lruBatch) {
 				which = lruActive
 			}
 			l.pushLocked(pfn, which)
-			// Flagged listed before unflagged queued: the free hook,
-			// which looks at the flags without mu, sees one or the
-			// other.
-			q.f.SetFlags(physmem.FlagLRU)
-			q.f.ClearFlags(physmem.FlagLRUPending)
+			// Listed and unqueued in one step: the free hook, which
+			// looks at the flags without mu, sees one or the other.
+			q.f.ChangeFlags(physmem.FlagLRUPending, physmem.FlagLRU)
 		}
 	}
 	l.mu.Unlock()
@@ -178,7 +195,7 @@ func (l *lru) add(f *physmem.Frame, active bool) {
 	pfn := uint32(f.PFN())
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.on[pfn] != lruNone {
+	if l.links[pfn].on != lruNone {
 		return
 	}
 	l.pushLocked(pfn, which)
@@ -191,11 +208,9 @@ func (l *lru) add(f *physmem.Frame, active bool) {
 }
 
 func (l *lru) pushLocked(pfn uint32, which uint8) {
-	l.on[pfn] = which
-	l.prev[pfn] = 0
-	l.next[pfn] = l.head[which]
+	l.links[pfn] = lruLink{next: l.head[which], on: which}
 	if h := l.head[which]; h != 0 {
-		l.prev[h-1] = pfn + 1
+		l.links[h-1].prev = pfn + 1
 	} else {
 		l.tail[which] = pfn + 1
 	}
@@ -205,22 +220,22 @@ func (l *lru) pushLocked(pfn uint32, which uint8) {
 
 func (l *lru) unlinkLocked(f *physmem.Frame) {
 	pfn := uint32(f.PFN())
-	which := l.on[pfn]
+	which := l.links[pfn].on
 	if which == lruNone {
 		return
 	}
-	p, n := l.prev[pfn], l.next[pfn]
+	p, n := l.links[pfn].prev, l.links[pfn].next
 	if p != 0 {
-		l.next[p-1] = n
+		l.links[p-1].next = n
 	} else {
 		l.head[which] = n
 	}
 	if n != 0 {
-		l.prev[n-1] = p
+		l.links[n-1].prev = p
 	} else {
 		l.tail[which] = p
 	}
-	l.on[pfn] = lruNone
+	l.links[pfn] = lruLink{}
 	l.n[which]--
 	f.ClearFlags(physmem.FlagLRU | physmem.FlagActive)
 }

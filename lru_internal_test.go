@@ -56,9 +56,9 @@ func (l *lru) listed(t *testing.T, which uint8) []uint32 {
 	defer l.mu.Unlock()
 	var pfns []uint32
 	prev := uint32(0)
-	for p := l.head[which]; p != 0; p = l.next[p-1] {
-		require.Equal(t, which, l.on[p-1])
-		require.Equal(t, prev, l.prev[p-1])
+	for p := l.head[which]; p != 0; p = l.links[p-1].next {
+		require.Equal(t, which, l.links[p-1].on)
+		require.Equal(t, prev, l.links[p-1].prev)
 		pfns = append(pfns, p-1)
 		prev = p
 	}

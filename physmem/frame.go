@@ -167,6 +167,19 @@ func (f *Frame) SetFlags(set Flags) { f.flags.Or(uint32(set & publicFlags)) }
 // ClearFlags clears flags atomically.
 func (f *Frame) ClearFlags(clear Flags) { f.flags.And(^uint32(clear & publicFlags)) }
 
+// ChangeFlags clears some flags and sets others in one atomic step, so
+// that nobody sees the frame with both or neither, and returns the flags
+// as they were.
+func (f *Frame) ChangeFlags(clear, set Flags) (old Flags) {
+	clear, set = clear&publicFlags, set&publicFlags
+	for {
+		o := f.flags.Load()
+		if f.flags.CompareAndSwap(o, o&^uint32(clear)|uint32(set)) {
+			return Flags(o) & publicFlags
+		}
+	}
+}
+
 // TestAndSetFlag sets flag and reports whether it was already set.
 func (f *Frame) TestAndSetFlag(flag Flags) bool {
 	return Flags(f.flags.Or(uint32(flag&publicFlags)))&flag != 0
