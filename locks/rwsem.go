@@ -17,7 +17,8 @@ const (
 // RWSem is a fair reader/writer semaphore (struct rw_semaphore), the
 // mmap_lock and the rmap locks.
 //
-// Uncontended, RLock/RUnlock/Lock/Unlock are one compare-and-swap each.
+// Uncontended, RLock and RUnlock are one atomic add each, Lock and
+// Unlock one compare-and-swap each.
 // Once anybody waits, the lock is handed over strictly in arrival order: a
 // queued writer stops new readers from overtaking it, and readers queued
 // behind a writer are let in together when it leaves. So neither side
@@ -27,8 +28,12 @@ const (
 // The zero value is an unlocked semaphore of no class.
 type RWSem struct {
 	// count is the lock word: rwWriter | rwWaiters | readers*rwReader.
-	// While rwWaiters is set every change happens under waitMu, so the
-	// fast paths (which require the flag clear) cannot overtake a waiter.
+	// A reader's fast path adds itself and backs out (under waitMu) if
+	// it finds a writer or rwWaiters, so it never overtakes a waiter;
+	// every other change while rwWaiters is set happens under waitMu.
+	// Whoever changes the word under waitMu does so by compare-and-swap,
+	// so a reader counted for a moment only delays a grant, and the
+	// reader's back-out wakes the queue again.
 	count  atomic.Int64
 	waitMu sync.Mutex
 	queue  []*rwWaiter // FIFO of blocked lockers; protected by waitMu
@@ -84,22 +89,19 @@ func (s *RWSem) RUnlock() {
 	if lockdepOn.Load() {
 		trackRelease(s)
 	}
-	for {
-		c := s.count.Load()
-		if c < rwReader {
-			panic("locks: RUnlock of RWSem not held for read")
-		}
-		if c&rwWaiters == 0 {
-			if s.count.CompareAndSwap(c, c-rwReader) {
-				return
-			}
-			continue
-		}
+	// One add, as up_read's atomic_long_add_return: a load and a
+	// compare-and-swap would take the line from the other readers twice.
+	c := s.count.Add(-rwReader)
+	if c+rwReader < rwReader {
+		s.count.Add(rwReader)
+		panic("locks: RUnlock of RWSem not held for read")
+	}
+	if c&rwWaiters != 0 {
+		// A waiter queued before our add saw the flag; one queued
+		// after it saw our reader gone when it tried to take the lock.
 		s.waitMu.Lock()
-		s.count.Add(-rwReader)
 		s.wakeLocked()
 		s.waitMu.Unlock()
-		return
 	}
 }
 
@@ -188,16 +190,23 @@ func (s *RWSem) IsLocked() bool { return s.count.Load()&^rwWaiters != 0 }
 // IsWriteLocked reports whether a writer holds the semaphore.
 func (s *RWSem) IsWriteLocked() bool { return s.count.Load()&rwWriter != 0 }
 
+// fastRLock takes the semaphore shared if no writer holds it and nobody
+// waits, with one add (down_read's atomic_long_add_return): readers
+// that share the lock write its line once each, where a load and a
+// compare-and-swap would fetch it twice and fail whenever another
+// reader got in between.
 func (s *RWSem) fastRLock() bool {
-	for {
-		c := s.count.Load()
-		if c&(rwWriter|rwWaiters) != 0 {
-			return false
-		}
-		if s.count.CompareAndSwap(c, c+rwReader) {
-			return true
-		}
+	if s.count.Add(rwReader)&(rwWriter|rwWaiters) == 0 {
+		return true
 	}
+	// A writer holds it or somebody waits: take the reader back. Under
+	// waitMu, since the queue may have tried to grant the lock while
+	// the reader was counted, and failed because of it: wake it again.
+	s.waitMu.Lock()
+	s.count.Add(-rwReader)
+	s.wakeLocked()
+	s.waitMu.Unlock()
+	return false
 }
 
 func (s *RWSem) lockContext(ctx context.Context, writer bool, sub int, nested bool) error {

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -263,4 +264,32 @@ func TestRWSemStress(t *testing.T) {
 	assert.Zero(t, bad.Load())
 	assert.False(t, s.IsLocked())
 	assert.False(t, s.IsContended())
+}
+
+// TestRWSemReaderBacksOut: a reader's fast path counts itself first and
+// backs out when it finds a writer or a waiter. It must leave the word
+// as it found it (else the writer's one-CAS unlock fails, or the lock
+// looks held when it is not), and must not overtake a queued writer.
+func TestRWSemReaderBacksOut(t *testing.T) {
+	var s RWSem
+	s.Lock()
+	assert.False(t, s.TryRLock(), "a writer holds it")
+	assert.Equal(t, rwWriter, s.count.Load(), "the reader's count is taken back")
+	s.Unlock()
+	assert.False(t, s.IsLocked())
+
+	s.RLock()
+	locked := make(chan struct{})
+	go func() {
+		s.Lock()
+		close(locked)
+	}()
+	require.Eventually(t, s.IsContended, 5*time.Second, time.Millisecond)
+	assert.False(t, s.TryRLock(), "a reader must not overtake the queued writer")
+	assert.Equal(t, rwReader|rwWaiters, s.count.Load())
+	s.RUnlock()
+	<-locked
+	assert.Equal(t, rwWriter, s.count.Load())
+	s.Unlock()
+	assert.Zero(t, s.count.Load())
 }
