@@ -48,12 +48,23 @@
 //	        page_table_lock, pmd lock, ptlock (pagetable)
 //	          cpu (tlb)              taken by flushes
 //
-// anonMu (per MM), the swap device's and the LRU's mutexes are leaves;
-// the KSM scanner's mutex is taken before any mmap_lock and never under
-// one. Allocation that reclaims (direct reclaim) happens with at most
-// mmap_lock held; page-table allocation never reclaims. A CPU calls
-// HandleFault with no lock held. Faults in different 2 MiB regions take
-// different ptlocks.
+// anonMu (per MM), the swap device's and the LRU's mutexes are leaves,
+// but for a CPU's LRU-add batch, whose mutex is taken just before the
+// LRU's when the batch joins the lists; the KSM scanner's mutex is taken
+// before any mmap_lock and never under one. Allocation that reclaims
+// (direct reclaim) happens with at most mmap_lock held; page-table
+// allocation never reclaims. A CPU calls HandleFaultOn with no lock
+// held.
+//
+// # Per-CPU state
+//
+// A fault a CPU takes (HandleFaultOn) shares as little with the other
+// CPUs as the kernel's does: its frame comes from the CPU's frame cache
+// (physmem.CPUCaches), it joins the LRU in the CPU's batch of 31
+// (lru_add), the MM's rss and fault counts are per CPU, and faults in
+// different 2 MiB regions take different ptlocks on different cache
+// lines. Reclaim and Stats drain the batches first. Faults nobody's CPU
+// took (HandleFault: devices, GUP, MAP_POPULATE) use the shared paths.
 //
 // # Invariants
 //

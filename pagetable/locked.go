@@ -15,9 +15,8 @@ import (
 // Accessed/Dirty updates are never lost: Set and GetAndClear return the
 // entry as it was at the instant it was replaced.
 type PTETable struct {
-	pmd  *pmdTable
-	slot int
 	page *ptePage
+	ptl  *ptlSlot
 	base uint64
 }
 
@@ -31,7 +30,7 @@ func (p PTETable) Index(va uint64) int { return pteIndex(va) }
 func (p PTETable) VA(i int) uint64 { return p.base + uint64(i)<<PageShift }
 
 // Count returns how many entries are not none.
-func (p PTETable) Count() int { return int(p.pmd.ptl[p.slot].nr) }
+func (p PTETable) Count() int { return int(p.ptl.nr) }
 
 // Get returns entry i (ptep_get).
 func (p PTETable) Get(i int) PTE { return PTE(p.page[i].Load()) }
@@ -86,7 +85,7 @@ func (p PTETable) GetAndClearRange(first, last int) iter.Seq2[int, PTE] {
 				break
 			}
 		}
-		p.pmd.ptl[p.slot].nr -= cleared
+		p.ptl.nr -= cleared
 	}
 }
 
@@ -140,18 +139,18 @@ func (p PTETable) WriteProtect(i int) PTE {
 }
 
 // Unlock releases the table's lock.
-func (p PTETable) Unlock() { p.pmd.ptl[p.slot].lock.Unlock() }
+func (p PTETable) Unlock() { p.ptl.lock.Unlock() }
 
 // IsContended reports whether another goroutine waits for this table's
 // lock, for long loops that want to break the lock.
-func (p PTETable) IsContended() bool { return p.pmd.ptl[p.slot].lock.IsContended() }
+func (p PTETable) IsContended() bool { return p.ptl.lock.IsContended() }
 
 func (p PTETable) account(old, e PTE) {
 	switch {
 	case old == 0 && e != 0:
-		p.pmd.ptl[p.slot].nr++
+		p.ptl.nr++
 	case old != 0 && e == 0:
-		p.pmd.ptl[p.slot].nr--
+		p.ptl.nr--
 	}
 }
 
@@ -192,13 +191,11 @@ func (t *Table) lockPTE(va uint64, alloc bool) (PTETable, bool, error) {
 			}
 			continue
 		}
-		pmd.ptl[i].lock.Lock()
-		if pmd.next[i].Load() != page {
-			// Freed (or replaced) while we waited for its lock.
-			pmd.ptl[i].lock.Unlock()
-			continue
+		ptl := pmd.lockPTL(i, page)
+		if ptl == nil {
+			continue // freed (or replaced) meanwhile
 		}
-		return PTETable{pmd: pmd, slot: i, page: page, base: va &^ (HugeSize - 1)}, true, nil
+		return PTETable{page: page, ptl: ptl, base: va &^ (HugeSize - 1)}, true, nil
 	}
 }
 
@@ -313,10 +310,11 @@ func (s PMDSlot) Split() error {
 	// PMD entry as zero must find the table.
 	// The new table's lock is held until the late A/D bits are in, so no
 	// locked operation sees the table half made.
-	ptl := &s.pmd.ptl[s.slot].lock
-	ptl.Lock()
-	defer ptl.Unlock()
-	s.pmd.ptl[s.slot].nr = Entries
+	ptl := newPTLock()
+	ptl.lock.Lock()
+	defer ptl.lock.Unlock()
+	ptl.nr = Entries
+	s.pmd.ptl[s.slot].Store(ptl)
 	s.pmd.next[s.slot].Store(page)
 	final := PTE(s.pmd.entries[s.slot].Swap(0))
 	if late := final &^ e & (Accessed | Dirty); late != 0 {

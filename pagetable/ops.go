@@ -172,7 +172,7 @@ func (t *Table) MapRange(start, end uint64, first PTE) error {
 			pt.page[i].Store(uint64(e))
 			e += 1 << pfnShift
 		}
-		pt.pmd.ptl[pt.slot].nr += uint16(hi - lo)
+		pt.ptl.nr += uint16(hi - lo)
 		pt.Unlock()
 		va = pt.Base() + uint64(hi)<<PageShift
 	}

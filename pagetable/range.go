@@ -125,13 +125,12 @@ func (t *Table) visitSlot(pmd *pmdTable, i int, base uint64, first, last int, fn
 		if page == nil || fns.PTEs == nil {
 			return true
 		}
-		pmd.ptl[i].lock.Lock()
-		if pmd.next[i].Load() != page {
-			pmd.ptl[i].lock.Unlock()
+		ptl := pmd.lockPTL(i, page)
+		if ptl == nil {
 			continue
 		}
-		cont := fns.PTEs(PTETable{pmd: pmd, slot: i, page: page, base: base}, first, last)
-		pmd.ptl[i].lock.Unlock()
+		cont := fns.PTEs(PTETable{page: page, ptl: ptl, base: base}, first, last)
+		ptl.lock.Unlock()
 		return cont
 	}
 }
@@ -240,12 +239,14 @@ func (t *Table) freePTETable(pmd *pmdTable, i int, base uint64, freed []FreedTab
 	if page == nil {
 		return freed
 	}
-	pmd.ptl[i].lock.Lock()
-	defer pmd.ptl[i].lock.Unlock()
-	if pmd.ptl[i].nr != 0 {
+	ptl := pmd.ptl[i].Load() // set with the table, under pmd.lock, which we hold
+	ptl.lock.Lock()
+	defer ptl.lock.Unlock()
+	if ptl.nr != 0 {
 		return freed
 	}
 	pmd.next[i].Store(nil)
+	pmd.ptl[i].Store(nil)
 	pmd.present.clear(i)
 	pmd.count--
 	t.tables[LevelPTE].Add(-1)

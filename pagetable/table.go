@@ -94,14 +94,15 @@ func (b *bitmap) next(from, to int) int {
 type ptePage [Entries]atomic.Uint64
 
 // pmdTable is a PMD table. Each slot holds a 2 MiB leaf (or a non-present
-// PMD entry) in entries, or a PTE table in next, never both. The split PTE
-// locks live here, one per slot, like the kernel's ptlock lives in the
-// struct page of the PTE table: whoever locks ptl[i] re-checks that next[i]
-// is still the table it meant.
+// PMD entry) in entries, or a PTE table in next, never both. A PTE table's
+// split lock comes and goes with it, in ptl (the kernel's ptlock, which
+// lives in or hangs off the PTE table's struct page): it is published
+// before the table and cleared with it, and whoever locks ptl[i]
+// re-checks that next[i] is still the table it meant.
 type pmdTable struct {
 	entries [Entries]atomic.Uint64           // leaf or non-present PMD entries; 0 if empty or a table
 	next    [Entries]atomic.Pointer[ptePage] // PTE tables; written under lock
-	ptl     [Entries]ptlSlot                 // split ptlocks and their tables' counts
+	ptl     [Entries]atomic.Pointer[ptlSlot] // the PTE tables' split locks; written under lock
 	present bitmap                           // slots holding a table or a non-zero entry
 	lock    locks.SpinLock                   // the split PMD lock: installs, removals, leaves
 	count   int                              // populated slots; protected by lock
@@ -113,16 +114,22 @@ type pmdTable struct {
 }
 
 // ptlSlot is one PTE table's split lock and the count it protects,
-// alone on a cache line: CPUs faulting in neighbouring 2 MiB regions
-// take neighbouring locks, and packed together each lock and count
-// update would take the line from the other CPU (the kernel's ptlock
-// lives in the PTE table's own struct page). ptl starts 8 KiB into a
-// pmdTable, itself a page-aligned large allocation, so the lines are
-// the slots.
+// allocated with the table (ALLOC_SPLIT_PTLOCKS) and a cache line in
+// size, so that Go's allocator gives each one a line of its own: CPUs
+// faulting in neighbouring 2 MiB regions take neighbouring locks, and
+// packed into the PMD table each lock and count update would take the
+// line from the other CPU. In the PMD table itself, a line per slot
+// would cost every PMD table 32 KiB, populated or not.
 type ptlSlot struct {
 	lock locks.SpinLock
-	nr   uint16 // non-none entries of the slot's PTE table; protected by lock
+	nr   uint16 // non-none entries of the PTE table; protected by lock
 	_    [cacheLine - unsafe.Sizeof(locks.SpinLock{}) - 2]byte
+}
+
+func newPTLock() *ptlSlot {
+	s := new(ptlSlot)
+	s.lock.Init(locks.ClassPTLock)
+	return s
 }
 
 const cacheLine = 64
@@ -143,7 +150,7 @@ type pgdTable struct {
 
 // Memory per table, for TableBytes.
 const (
-	ptePageBytes  = int64(unsafe.Sizeof(ptePage{}))
+	ptePageBytes  = int64(unsafe.Sizeof(ptePage{}) + unsafe.Sizeof(ptlSlot{}))
 	pmdTableBytes = int64(unsafe.Sizeof(pmdTable{}))
 	pudTableBytes = int64(unsafe.Sizeof(pudTable{}))
 	pgdTableBytes = int64(unsafe.Sizeof(pgdTable{}))
@@ -253,12 +260,28 @@ func (t *Table) allocate(l Level) error {
 	return nil
 }
 
+// lockPTL locks the split lock of slot i's PTE table, which the caller
+// found to be page, and returns it; nil if page was freed or replaced
+// before the lock was had.
+func (m *pmdTable) lockPTL(i int, page *ptePage) *ptlSlot {
+	// The lock is published before its table and cleared after it: once
+	// page was seen, the lock loaded now is page's, a later table's, or
+	// none, and the re-check under it tells which.
+	ptl := m.ptl[i].Load()
+	if ptl == nil {
+		return nil
+	}
+	ptl.lock.Lock()
+	if m.next[i].Load() != page {
+		ptl.lock.Unlock()
+		return nil
+	}
+	return ptl
+}
+
 func newPMDTable() *pmdTable {
 	m := new(pmdTable)
 	m.lock.Init(locks.ClassPMDLock)
-	for i := range m.ptl {
-		m.ptl[i].lock.Init(locks.ClassPTLock)
-	}
 	return m
 }
 
@@ -335,6 +358,7 @@ func (t *Table) installPTE(pmd *pmdTable, i int) error {
 	if err != nil {
 		return err
 	}
+	pmd.ptl[i].Store(newPTLock())
 	pmd.next[i].Store(page)
 	pmd.present.set(i)
 	pmd.count++

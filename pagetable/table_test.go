@@ -593,11 +593,24 @@ func TestGetAndClearRange(t *testing.T) {
 	}
 }
 
-// TestSplitLocksHaveALineEach: each PTE table's lock and count fill one
-// cache line of their own, at a line boundary of the PMD table, so CPUs
-// working in neighbouring 2 MiB regions share no line through them.
+// TestSplitLocksHaveALineEach: the PTE tables of neighbouring 2 MiB
+// regions have their locks and counts on cache lines of their own, so
+// CPUs working in them share no line through them.
 func TestSplitLocksHaveALineEach(t *testing.T) {
-	var pmd pmdTable
 	assert.Equal(t, uintptr(cacheLine), unsafe.Sizeof(ptlSlot{}))
-	assert.Zero(t, unsafe.Offsetof(pmd.ptl)%cacheLine)
+	tb := New(Options{})
+	var ptls []*ptlSlot
+	for va := uint64(0); va < 4*HugeSize; va += HugeSize {
+		pt, err := tb.AllocLockPTE(va)
+		require.NoError(t, err)
+		ptls = append(ptls, pt.ptl)
+		pt.Unlock()
+	}
+	lines := map[uintptr]bool{}
+	for _, p := range ptls {
+		addr := uintptr(unsafe.Pointer(p))
+		assert.Zero(t, addr%cacheLine, "lock at %#x straddles a line", addr)
+		assert.False(t, lines[addr/cacheLine], "two locks on one line")
+		lines[addr/cacheLine] = true
+	}
 }

@@ -35,7 +35,8 @@
 //
 // A CPU's lock is the innermost lock in gomm: taken after page-table locks
 // (a flush may be sent under a ptlock) and never held while taking another
-// lock, waiting for another CPU, or calling the fault handler. Being a
+// lock, waiting for another CPU, or calling the fault handler (which gets
+// the CPU's number if it implements CPUFaultHandler). Being a
 // leaf, it is a plain mutex outside the lock-order checker. The final mmdrop, which may take every CPU's lock, runs
 // only after the dropping CPU's lock is released.
 //
