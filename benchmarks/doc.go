@@ -13,7 +13,10 @@
 //     implement nothing munmap calls, an interval notifier's read side,
 //     Register over 1 to 10,000 VMAs.
 //   - concurrency_test.go: faults in disjoint 2 MiB regions from 1 to 8
-//     CPUs, FlushRange to 1 to 16 CPUs, the lazy-TLB schemes.
+//     CPUs, with the page's first store and without it (the fault path
+//     alone), the same faults in 1 or 2 machines that share nothing
+//     (this machine's scaling ceiling), zeroing pages on 1 or 2 cores,
+//     FlushRange to 1 to 16 CPUs, the lazy-TLB schemes.
 //   - rmap_test.go: rmap walks by fork depth, fork, reclaim, the KSM
 //     scan, migration.
 //
