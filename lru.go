@@ -123,7 +123,9 @@ func (l *lru) drainLocked(b *lruBatch) {
 		pfn := uint32(q.f.PFN())
 		switch {
 		case q.listed:
-			// Listed meanwhile by a direct add, whose flags stand.
+			// Listed already: add leaves queued frames to their batch,
+			// so this is only a frame listed before it was queued,
+			// which a fault never queues. Its flags stand.
 			q.f.ClearFlags(physmem.FlagLRUPending)
 		case q.f.Has(physmem.FlagMlocked):
 			q.f.ClearFlags(physmem.FlagLRUPending | physmem.FlagActive)
@@ -186,7 +188,9 @@ func (l *lru) freed(f *physmem.Frame) {
 	}
 }
 
-// add puts f at the head of a list, if it is on none (folio_add_lru).
+// add puts f at the head of a list, if it is on none (folio_add_lru). A
+// frame queued on a CPU's batch is left to the batch: listed now, it
+// could be isolated and then listed again by the drain while isolated.
 func (l *lru) add(f *physmem.Frame, active bool) {
 	which := lruInactive
 	if active {
@@ -195,7 +199,9 @@ func (l *lru) add(f *physmem.Frame, active bool) {
 	pfn := uint32(f.PFN())
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.links[pfn].on != lruNone {
+	// The drain clears FlagLRUPending under mu, so this test and the
+	// drain's listing cannot interleave.
+	if l.links[pfn].on != lruNone || f.Has(physmem.FlagLRUPending) {
 		return
 	}
 	l.pushLocked(pfn, which)

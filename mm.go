@@ -46,7 +46,8 @@ type MM struct {
 
 	users atomic.Int64 // mm_users
 	// counters are the rss (frames mapped: anonymous, page cache, KSM;
-	// MM_ANONPAGES + MM_FILEPAGES) and faults handled, per CPU.
+	// MM_ANONPAGES + MM_FILEPAGES) and faults handled, per CPU. The
+	// slice is fixed by NewMM; the counters are atomic.
 	counters []mmCounters
 
 	// Page tables live in RAM, as in the kernel: each table allocation
@@ -133,7 +134,11 @@ func (mm *MM) RSS() int64 {
 	for i := range mm.counters {
 		n += mm.counters[i].rss.Load()
 	}
-	return n
+	// The sum is not a snapshot: a page mapped on one CPU after its
+	// counter was read, and unmapped on another before that one's was,
+	// shows only as the unmap. The kernel clamps the same way
+	// (get_mm_counter).
+	return max(n, 0)
 }
 
 // Faults returns the number of faults handled.

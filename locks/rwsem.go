@@ -28,12 +28,14 @@ const (
 // The zero value is an unlocked semaphore of no class.
 type RWSem struct {
 	// count is the lock word: rwWriter | rwWaiters | readers*rwReader.
-	// A reader's fast path adds itself and backs out (under waitMu) if
-	// it finds a writer or rwWaiters, so it never overtakes a waiter;
-	// every other change while rwWaiters is set happens under waitMu.
-	// Whoever changes the word under waitMu does so by compare-and-swap,
-	// so a reader counted for a moment only delays a grant, and the
-	// reader's back-out wakes the queue again.
+	// Readers change it by atomic adds outside waitMu: a reader's fast
+	// path adds itself and backs out (under waitMu) if it finds a writer
+	// or rwWaiters, so it never overtakes a waiter, and RUnlock
+	// subtracts itself and then, if rwWaiters was set, wakes the queue
+	// under waitMu. grant, under waitMu, takes the lock by
+	// compare-and-swap, so such an add only makes it fail or retry: a
+	// reader counted for a moment delays a grant, and its back-out wakes
+	// the queue again. IsLocked may see such a reader for that moment.
 	count  atomic.Int64
 	waitMu sync.Mutex
 	queue  []*rwWaiter // FIFO of blocked lockers; protected by waitMu
@@ -184,7 +186,8 @@ func (s *RWSem) DowngradeWrite() {
 // to in 2008.
 func (s *RWSem) IsContended() bool { return s.count.Load()&rwWaiters != 0 }
 
-// IsLocked reports whether the semaphore is held in either mode.
+// IsLocked reports whether the semaphore is held in either mode. A
+// reader about to back out of a failed fast path counts for a moment.
 func (s *RWSem) IsLocked() bool { return s.count.Load()&^rwWaiters != 0 }
 
 // IsWriteLocked reports whether a writer holds the semaphore.
@@ -202,12 +205,19 @@ func (s *RWSem) fastRLock() bool {
 	// A writer holds it or somebody waits: take the reader back. Under
 	// waitMu, since the queue may have tried to grant the lock while
 	// the reader was counted, and failed because of it: wake it again.
+	if testHookBackOut != nil {
+		testHookBackOut()
+	}
 	s.waitMu.Lock()
 	s.count.Add(-rwReader)
 	s.wakeLocked()
 	s.waitMu.Unlock()
 	return false
 }
+
+// testHookBackOut, if set, runs when a reader's fast path has counted
+// itself and is about to back out: tests stop it there.
+var testHookBackOut func()
 
 func (s *RWSem) lockContext(ctx context.Context, writer bool, sub int, nested bool) error {
 	if err := ctx.Err(); err != nil {
@@ -273,8 +283,8 @@ func (s *RWSem) wait(ctx context.Context, writer bool) error {
 }
 
 // grant takes the lock for one waiter if the lock word allows it. Called
-// with waitMu held; the CAS still races with fast paths while rwWaiters is
-// clear.
+// with waitMu held; the CAS still races with readers' adds, and with
+// writers' fast paths while rwWaiters is clear.
 func (s *RWSem) grant(writer bool) bool {
 	for {
 		c := s.count.Load()

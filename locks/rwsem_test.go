@@ -293,3 +293,48 @@ func TestRWSemReaderBacksOut(t *testing.T) {
 	s.Unlock()
 	assert.Zero(t, s.count.Load())
 }
+
+// TestRWSemBackOutWakesAWriter: a reader counted for a moment (about to
+// back out, having found a writer) makes a writer that queues meanwhile
+// fail its grant and sleep; the back-out must wake it. The interleaving:
+// W0 holds the lock; R's fast path adds itself and stops before backing
+// out; W0 unlocks (by the slow path, R being counted); W1 queues and
+// sleeps; R backs out and gives up. Without the back-out's wake, W1
+// sleeps forever.
+func TestRWSemBackOutWakesAWriter(t *testing.T) {
+	var s RWSem
+	s.Lock()
+	counted, backOut := make(chan struct{}), make(chan struct{})
+	testHookBackOut = func() {
+		close(counted)
+		<-backOut
+	}
+	defer func() { testHookBackOut = nil }()
+	// TryRLock: a reader that waits after backing out (RLock) wakes the
+	// queue from wait anyway; one that gives up relies on the back-out.
+	readerDone := make(chan struct{})
+	go func() {
+		if s.TryRLock() {
+			t.Error("TryRLock succeeded while a writer held the lock")
+		}
+		close(readerDone)
+	}()
+	<-counted
+	testHookBackOut = nil // only the first back-out stops
+	s.Unlock()
+	writerDone := make(chan struct{})
+	go func() {
+		s.Lock()
+		close(writerDone)
+		s.Unlock()
+	}()
+	require.Eventually(t, s.IsContended, 5*time.Second, time.Millisecond, "the writer queues")
+	close(backOut)
+	select {
+	case <-writerDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the queued writer was never woken")
+	}
+	<-readerDone
+	assert.Zero(t, s.count.Load())
+}

@@ -150,7 +150,7 @@ type pgdTable struct {
 
 // Memory per table, for TableBytes.
 const (
-	ptePageBytes  = int64(unsafe.Sizeof(ptePage{}) + unsafe.Sizeof(ptlSlot{}))
+	ptePageBytes  = int64(unsafe.Sizeof(ptePage{}) + unsafe.Sizeof(ptlSlot{})) // a deposited table gets its lock when installed, and counts as if it had it
 	pmdTableBytes = int64(unsafe.Sizeof(pmdTable{}))
 	pudTableBytes = int64(unsafe.Sizeof(pudTable{}))
 	pgdTableBytes = int64(unsafe.Sizeof(pgdTable{}))

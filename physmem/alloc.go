@@ -87,10 +87,11 @@ type Allocator struct {
 	nframes int
 	chunks  []atomic.Pointer[frameChunk] // created on first use, under mu
 
-	// The free frames below fresh are those whose bit is set in freeBits.
-	// The stack free holds their PFNs, most recently freed on top; it may
-	// also hold stale PFNs (frames AllocHuge took without popping them),
-	// which Alloc skips and compactFree drops.
+	// The frames on the free list are those below fresh whose bit is set
+	// in freeBits (the free frames in CPU caches are off it). The stack
+	// free holds their PFNs, most recently freed on top; it may also
+	// hold stale PFNs (frames AllocHuge took without popping them), which
+	// Alloc skips and compactFree drops.
 	mu         sync.Mutex
 	free       []uint32 // PFNs of freed frames, a LIFO stack; protected by mu
 	fresh      int      // frames below this PFN have been handed out once; protected by mu
@@ -178,25 +179,39 @@ func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
 // Alloc takes a free frame, returning it with one reference, no flags, no
 // mapping and zero contents. Out of frames it returns ErrNoMem.
 func (a *Allocator) Alloc() (*Frame, error) {
-	for drained := false; ; drained = true {
+	a.mu.Lock()
+	pfn, ok := a.takeLocked()
+	a.mu.Unlock()
+	if !ok && len(a.caches) > 0 {
+		// Free frames may wait in CPU caches. Drain them with every
+		// cache locked, so that no refill takes them back before this
+		// allocation has its frame: failing then, none is free anywhere.
+		a.lockCaches()
 		a.mu.Lock()
-		pfn, ok := a.popFree()
-		if !ok && a.fresh < a.nframes {
-			pfn, ok = uint32(a.fresh), true
-			a.advanceFresh(a.fresh + 1)
-		}
-		if ok {
-			a.allocs++
-			a.mu.Unlock()
-			return a.handOut(pfn), nil
-		}
+		a.drainCachesLocked()
+		pfn, ok = a.takeLocked()
 		a.mu.Unlock()
-		if drained || !a.cachedFrames() {
-			a.failures.Add(1)
-			return nil, fmt.Errorf("physmem: all %d frames in use: %w", a.nframes, ErrNoMem)
-		}
-		a.DrainCPUCaches()
+		a.unlockCaches()
 	}
+	if !ok {
+		a.failures.Add(1)
+		return nil, fmt.Errorf("physmem: all %d frames in use: %w", a.nframes, ErrNoMem)
+	}
+	return a.handOut(pfn), nil
+}
+
+// takeLocked takes a frame off the free list, or a never-used one,
+// counting the allocation. Called with mu held.
+func (a *Allocator) takeLocked() (uint32, bool) {
+	pfn, ok := a.popFree()
+	if !ok && a.fresh < a.nframes {
+		pfn, ok = uint32(a.fresh), true
+		a.advanceFresh(a.fresh + 1)
+	}
+	if ok {
+		a.allocs++
+	}
+	return pfn, ok
 }
 
 // handOut readies a frame just taken off a free list for its new owner.
@@ -215,20 +230,35 @@ func (a *Allocator) handOut(pfn uint32) *Frame {
 // returns ErrNoMem and takes nothing: the caller falls back to single
 // frames, as a THP fault does.
 func (a *Allocator) AllocHuge() (*Frame, error) {
-	f, err := a.allocHuge()
-	if err != nil && a.cachedFrames() {
-		// Frames in CPU caches may be all a block lacks.
-		a.DrainCPUCaches()
-		f, err = a.allocHuge()
+	a.mu.Lock()
+	head, ok := a.allocHugeLocked()
+	a.mu.Unlock()
+	if !ok && len(a.caches) > 0 {
+		// Frames in CPU caches may be all a block lacks. Drain them
+		// only then: a THP fault that finds no block would otherwise
+		// empty every CPU's cache for nothing.
+		a.lockCaches()
+		a.mu.Lock()
+		if a.cachesCompleteABlockLocked() {
+			a.drainCachesLocked()
+			head, ok = a.allocHugeLocked()
+		}
+		a.mu.Unlock()
+		a.unlockCaches()
 	}
-	if err != nil {
+	if !ok {
 		a.hugeFailures.Add(1)
+		return nil, fmt.Errorf("physmem: no free aligned block of %d frames: %w", HugeFrames, ErrNoMem)
 	}
-	return f, err
+	for pfn := head; pfn < head+HugeFrames; pfn++ {
+		a.handOut(pfn)
+	}
+	return a.frame(head), nil
 }
 
-func (a *Allocator) allocHuge() (*Frame, error) {
-	a.mu.Lock()
+// allocHugeLocked takes a wholly free aligned block, counting the
+// allocation. Called with mu held.
+func (a *Allocator) allocHugeLocked() (uint32, bool) {
 	head, ok := a.takeFullBlock()
 	if !ok && a.fresh < a.nframes {
 		// The block fresh is in, if its frames below fresh are all free.
@@ -251,14 +281,7 @@ func (a *Allocator) allocHuge() (*Frame, error) {
 		a.allocs += HugeFrames
 		a.hugeAllocs++
 	}
-	a.mu.Unlock()
-	if !ok {
-		return nil, fmt.Errorf("physmem: no free aligned block of %d frames: %w", HugeFrames, ErrNoMem)
-	}
-	for pfn := head; pfn < head+HugeFrames; pfn++ {
-		a.handOut(pfn)
-	}
-	return a.frame(head), nil
+	return head, ok
 }
 
 // popFree takes the most recently freed frame off the stack, skipping
@@ -323,7 +346,10 @@ func (a *Allocator) takeBit(pfn uint32) {
 // newest entry of each free frame in its place in the order. Called with
 // mu held.
 func (a *Allocator) compactFree() {
-	kept := a.free[:0]
+	// A new slice: walking the stack from the top while writing the kept
+	// entries from the bottom of the same array would overwrite entries
+	// not read yet (a free frame would lose its only entry).
+	kept := make([]uint32, 0, a.nfree)
 	seen := make(map[uint32]struct{}, a.nfree)
 	for i := len(a.free) - 1; i >= 0; i-- {
 		pfn := a.free[i]

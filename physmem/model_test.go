@@ -164,6 +164,16 @@ func (m *allocModel) Store(t *rapid.T) {
 }
 
 func (m *allocModel) Check(t *rapid.T) {
+	// Every frame the bitmap calls free has an entry on the stack.
+	onStack := map[uint32]bool{}
+	for _, pfn := range m.a.free {
+		if m.a.freeBits[pfn/64]&(1<<(pfn%64)) != 0 {
+			onStack[pfn] = true
+		}
+	}
+	if len(onStack) != m.a.nfree {
+		t.Fatalf("%d free frames on the stack, %d in the bitmap", len(onStack), m.a.nfree)
+	}
 	st := m.a.Stats()
 	if st.Free != m.a.Frames()-len(m.refs) {
 		t.Fatalf("free %d, model says %d", st.Free, m.a.Frames()-len(m.refs))

@@ -32,8 +32,8 @@ func CPUCaches(n int) Option {
 const cpuCacheBatch = 32
 
 // cpuCache is one CPU's cache of free frames. Its frames are free (no
-// references, data poisoned, generation bumped) but off the free list:
-// only AllocOn for its CPU hands them out, and a drain puts them back.
+// references, data poisoned) but off the free list: only AllocOn for its
+// CPU hands them out, and a drain puts them back.
 type cpuCache struct {
 	mu     sync.Mutex
 	pfns   []uint32 // free frames, the next to hand out last; protected by mu
@@ -57,7 +57,7 @@ func (a *Allocator) AllocOn(cpu int) (*Frame, error) {
 	c.mu.Lock()
 	if len(c.pfns) == 0 && !a.refill(c) {
 		c.mu.Unlock()
-		return a.Alloc()
+		return a.Alloc() // which drains the other CPUs' caches
 	}
 	pfn := c.pfns[len(c.pfns)-1]
 	c.pfns = c.pfns[:len(c.pfns)-1]
@@ -95,35 +95,48 @@ func (a *Allocator) refill(c *cpuCache) bool {
 
 // DrainCPUCaches returns the frames of every CPU cache to the free list
 // (drain_all_pages). The allocator does it itself before failing an
-// allocation; callers that need the free list whole, a huge block say,
-// may do it too.
+// allocation; callers that need the free list whole may do it too.
 func (a *Allocator) DrainCPUCaches() {
+	a.lockCaches()
+	a.mu.Lock()
+	a.drainCachesLocked()
+	a.mu.Unlock()
+	a.unlockCaches()
+}
+
+// drainCachesLocked moves every cached frame to the free list. Called
+// with every cache's lock and mu held.
+func (a *Allocator) drainCachesLocked() {
 	for i := range a.caches {
 		c := &a.caches[i]
-		c.mu.Lock()
-		if len(c.pfns) > 0 {
-			a.mu.Lock()
-			for _, pfn := range c.pfns {
-				a.pushFree(pfn)
-			}
-			a.mu.Unlock()
-			c.pfns = c.pfns[:0]
+		for _, pfn := range c.pfns {
+			a.pushFree(pfn)
 		}
-		c.mu.Unlock()
+		c.pfns = c.pfns[:0]
 	}
 }
 
-// cachedFrames reports whether any CPU cache holds a frame: a snapshot,
-// which a failing allocation uses to decide whether draining the caches
-// and trying again could help.
-func (a *Allocator) cachedFrames() bool {
+// cachesCompleteABlockLocked reports whether the cached frames would
+// make some aligned block wholly free. Called with every cache's lock
+// and mu held.
+func (a *Allocator) cachesCompleteABlockLocked() bool {
+	// The block fresh is in counts its never-used frames as free, as
+	// allocHugeLocked does.
+	freshBlock, neverUsed := uint32(a.fresh/HugeFrames), 0
+	if base := a.fresh &^ (HugeFrames - 1); base < a.fresh && base+HugeFrames <= a.nframes {
+		neverUsed = base + HugeFrames - a.fresh
+	}
+	cached := map[uint32]int{}
 	for i := range a.caches {
-		c := &a.caches[i]
-		c.mu.Lock()
-		n := len(c.pfns)
-		c.mu.Unlock()
-		if n > 0 {
-			return true
+		for _, pfn := range a.caches[i].pfns {
+			b := pfn / HugeFrames
+			free := int(a.blockFree[b]) + cached[b] + 1
+			if b == freshBlock {
+				free += neverUsed
+			}
+			if cached[b]++; free == HugeFrames {
+				return true
+			}
 		}
 	}
 	return false

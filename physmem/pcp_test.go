@@ -168,5 +168,43 @@ func TestConcurrentAllocOn(t *testing.T) {
 	assert.Equal(t, frames, st.Free)
 	assert.Equal(t, st.Allocs, st.Frees)
 	a.DrainCPUCaches()
-	assert.Equal(t, frames, a.Stats().Free)
+	for i := range a.caches {
+		assert.Empty(t, a.caches[i].pfns)
+	}
+	assert.Equal(t, frames, a.nfree, "every frame back on the free list")
+}
+
+// TestAllocOnNeverFailsWithFramesFree: CPUs allocating and freeing in a
+// RAM almost wholly held, so that their caches hold the last free
+// frames, never get ErrNoMem while some frame is free: a failing
+// allocation drains every cache with all of them locked, so no refill
+// takes the frames back between its drain and its retry.
+func TestAllocOnNeverFailsWithFramesFree(t *testing.T) {
+	const frames, held = 64, 60
+	a := newCached(t, frames, 2)
+	for range held {
+		_, err := a.Alloc()
+		require.NoError(t, err)
+	}
+	rounds := testmain.Iterations(50_000, 5_000)
+	var wg sync.WaitGroup
+	for cpu := range 2 {
+		wg.Go(func() {
+			for range rounds {
+				// At most 2 of the 4 free frames are held by the two
+				// CPUs at once, so at least 2 are free at every call.
+				f, err := a.AllocOn(cpu)
+				if err != nil {
+					t.Errorf("cpu %d: %v with frames free", cpu, err)
+					return
+				}
+				if err := a.Put(f); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	assert.Zero(t, a.Stats().Failures)
 }
