@@ -322,19 +322,21 @@ func TestRWSemBackOutWakesAWriter(t *testing.T) {
 	<-counted
 	testHookBackOut = nil // only the first back-out stops
 	s.Unlock()
-	writerDone := make(chan struct{})
+	writerLocked, writerDone := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(writerDone)
 		s.Lock()
-		close(writerDone)
+		close(writerLocked)
 		s.Unlock()
 	}()
 	require.Eventually(t, s.IsContended, 5*time.Second, time.Millisecond, "the writer queues")
 	close(backOut)
 	select {
-	case <-writerDone:
+	case <-writerLocked:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the queued writer was never woken")
 	}
+	<-writerDone
 	<-readerDone
 	assert.Zero(t, s.count.Load())
 }
