@@ -46,9 +46,11 @@
 // free list a batch at a time, so CPUs faulting at once do not take the
 // free list's lock for every frame. Frees go to the free list. Cached
 // frames are free in every sense but where they wait: Stats counts them
-// free, and an allocation (single or huge) that finds the free list
-// short drains every cache and tries again before it fails
-// (drain_all_pages), so ErrNoMem still means no frame is free anywhere.
+// free, and an allocation that finds the free list empty drains every
+// cache and tries again, with every cache locked so that no refill takes
+// the frames back meanwhile (drain_all_pages): ErrNoMem still means no
+// frame is free anywhere. A huge allocation drains them only when they
+// would complete a free block.
 //
 // # Device-private memory
 //
