@@ -186,12 +186,10 @@ func (a *Allocator) Alloc() (*Frame, error) {
 		// Free frames may wait in CPU caches. Drain them with every
 		// cache locked, so that no refill takes them back before this
 		// allocation has its frame: failing then, none is free anywhere.
-		a.lockCaches()
-		a.mu.Lock()
-		a.drainCachesLocked()
-		pfn, ok = a.takeLocked()
-		a.mu.Unlock()
-		a.unlockCaches()
+		a.withEveryLock(func() {
+			a.drainCachesLocked()
+			pfn, ok = a.takeLocked()
+		})
 	}
 	if !ok {
 		a.failures.Add(1)
@@ -237,14 +235,12 @@ func (a *Allocator) AllocHuge() (*Frame, error) {
 		// Frames in CPU caches may be all a block lacks. Drain them
 		// only then: a THP fault that finds no block would otherwise
 		// empty every CPU's cache for nothing.
-		a.lockCaches()
-		a.mu.Lock()
-		if a.cachesCompleteABlockLocked() {
-			a.drainCachesLocked()
-			head, ok = a.allocHugeLocked()
-		}
-		a.mu.Unlock()
-		a.unlockCaches()
+		a.withEveryLock(func() {
+			if a.cachesCompleteABlockLocked() {
+				a.drainCachesLocked()
+				head, ok = a.allocHugeLocked()
+			}
+		})
 	}
 	if !ok {
 		a.hugeFailures.Add(1)

@@ -96,10 +96,14 @@ func (a *Allocator) refill(c *cpuCache) bool {
 // DrainCPUCaches returns the frames of every CPU cache to the free list
 // (drain_all_pages). The allocator does it itself before failing an
 // allocation; callers that need the free list whole may do it too.
-func (a *Allocator) DrainCPUCaches() {
+func (a *Allocator) DrainCPUCaches() { a.withEveryLock(a.drainCachesLocked) }
+
+// withEveryLock runs fn with every CPU cache's lock and mu held, in
+// that order: nothing can allocate, refill or drain meanwhile.
+func (a *Allocator) withEveryLock(fn func()) {
 	a.lockCaches()
 	a.mu.Lock()
-	a.drainCachesLocked()
+	fn()
 	a.mu.Unlock()
 	a.unlockCaches()
 }
