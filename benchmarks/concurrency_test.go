@@ -27,11 +27,7 @@ func BenchmarkFaultParallel(b *testing.B) {
 // the store that follows: the frame's contents are never touched, so it
 // is never cleared, and what scales or not is the fault path alone
 // (mmap_lock, the VMA lookup, the allocator, the LRU, the PT locks).
-func BenchmarkFaultHandleParallel(b *testing.B) {
-	faultParallel(b, func(cpu *tlb.CPU, mm *gomm.MM, va uint64) error {
-		return mm.HandleFaultOn(cpu.ID(), va, pagetable.AccessWrite|pagetable.AccessUser)
-	})
-}
+func BenchmarkFaultHandleParallel(b *testing.B) { faultParallel(b, handleWriteFault) }
 
 // BenchmarkFaultHandleMachines is BenchmarkFaultHandleParallel's
 // ceiling on this machine: 1 or 2 goroutines fault the same 64 MiB in
@@ -39,88 +35,100 @@ func BenchmarkFaultHandleParallel(b *testing.B) {
 // them (no allocator, no LRU, no MM). What 2 get over 1 here is the most
 // any design of the shared state could give FaultHandleParallel.
 func BenchmarkFaultHandleMachines(b *testing.B) {
-	const size = 64 << 20
 	for _, n := range []int{1, 2} {
 		b.Run(fmt.Sprintf("machines=%d", n), func(b *testing.B) {
-			each := uint64(size / n)
-			mms := make([]*gomm.MM, n)
-			for i := range mms {
-				mms[i] = newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(each)}).NewMM()
+			workers := make([]faultWorker, n)
+			for i := range workers {
+				m := newMachine(b, gomm.Config{CPUs: 1, Frames: framesFor(faultSpan / uint64(n))})
+				workers[i] = newFaultWorker(m.CPU(0), m.NewMM(), 0, 1)
 			}
-			addrs := make([]uint64, n)
-			b.ReportAllocs()
-			for b.Loop() {
-				untimed(b, func() {
-					for i, mm := range mms {
-						var err error
-						addrs[i], err = mm.Mmap(0, each, rw, anon)
-						must(b, err)
-					}
-				})
-				var wg sync.WaitGroup
-				for i, mm := range mms {
-					wg.Go(func() {
-						for va := addrs[i]; va < addrs[i]+each; va += page {
-							if err := mm.HandleFaultOn(0, va, pagetable.AccessWrite|pagetable.AccessUser); err != nil {
-								b.Error(err)
-								return
-							}
-						}
-					})
-				}
-				wg.Wait()
-				untimed(b, func() {
-					for i, mm := range mms {
-						must(b, mm.Munmap(addrs[i], each))
-					}
-				})
-			}
-			perPage(b, size/page)
-			b.ReportMetric(float64(b.N)*size/page/b.Elapsed().Seconds(), "pages/s")
+			timeFaults(b, workers, faultSpan/uint64(n), handleWriteFault)
 		})
 	}
 }
 
-func faultParallel(b *testing.B, fault func(cpu *tlb.CPU, mm *gomm.MM, va uint64) error) {
-	const (
-		size   = 64 << 20
-		region = 2 << 20
-	)
+// faultSpan is what every fault-throughput benchmark faults in per
+// iteration, in 2 MiB regions.
+const (
+	faultSpan   = 64 << 20
+	faultRegion = 2 << 20
+)
+
+func handleWriteFault(cpu *tlb.CPU, mm *gomm.MM, va uint64) error {
+	return mm.HandleFaultOn(cpu.ID(), va, pagetable.AccessWrite|pagetable.AccessUser)
+}
+
+func faultParallel(b *testing.B, fault faultFunc) {
 	for _, n := range []int{1, 2, 4, 8} {
 		b.Run(fmt.Sprintf("cpus=%d", n), func(b *testing.B) {
-			m := newMachine(b, gomm.Config{CPUs: n, Frames: framesFor(size)})
+			m := newMachine(b, gomm.Config{CPUs: n, Frames: framesFor(faultSpan)})
 			mm := m.NewMM()
-			for _, c := range m.CPUs() {
-				c.Switch(mm.NewTask("bench"))
+			workers := make([]faultWorker, n)
+			for c, cpu := range m.CPUs() {
+				workers[c] = newFaultWorker(cpu, mm, c, n)
 			}
-			b.ReportAllocs()
-			for b.Loop() {
-				var addr uint64
-				untimed(b, func() {
-					var err error
-					addr, err = mm.Mmap(0, size, rw, anon)
-					must(b, err)
-				})
-				var wg sync.WaitGroup
-				for c, cpu := range m.CPUs() {
-					wg.Go(func() {
-						for r := addr + uint64(c)*region; r < addr+size; r += uint64(n) * region {
-							for va := r; va < r+region; va += page {
-								if err := fault(cpu, mm, va); err != nil {
-									b.Error(err)
-									return
-								}
-							}
-						}
-					})
-				}
-				wg.Wait()
-				untimed(b, func() { must(b, mm.Munmap(addr, size)) })
-			}
-			perPage(b, size/page)
-			b.ReportMetric(float64(b.N)*size/page/b.Elapsed().Seconds(), "pages/s")
+			timeFaults(b, workers, faultSpan, fault)
 		})
 	}
+}
+
+// faultFunc takes the fault at va of a page of mm on cpu.
+type faultFunc func(cpu *tlb.CPU, mm *gomm.MM, va uint64) error
+
+// faultWorker is one goroutine of a fault benchmark: a CPU running a
+// task of mm, faulting regions first, first+stride, ... of the mapping.
+type faultWorker struct {
+	cpu           *tlb.CPU
+	mm            *gomm.MM
+	first, stride int
+}
+
+func newFaultWorker(cpu *tlb.CPU, mm *gomm.MM, first, stride int) faultWorker {
+	cpu.Switch(mm.NewTask("bench"))
+	return faultWorker{cpu: cpu, mm: mm, first: first, stride: stride}
+}
+
+// timeFaults maps span bytes in each worker's MM, has every worker fault
+// its regions at once, and unmaps, in each iteration; only the faults
+// are timed. It reports per page of all the MMs' mappings together.
+func timeFaults(b *testing.B, workers []faultWorker, span uint64, fault faultFunc) {
+	addrs := map[*gomm.MM]uint64{}
+	for _, w := range workers {
+		addrs[w.mm] = 0
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		untimed(b, func() {
+			for mm := range addrs {
+				addr, err := mm.Mmap(0, span, rw, anon)
+				must(b, err)
+				addrs[mm] = addr
+			}
+		})
+		var wg sync.WaitGroup
+		for _, w := range workers {
+			addr := addrs[w.mm]
+			wg.Go(func() {
+				for r := addr + uint64(w.first)*faultRegion; r < addr+span; r += uint64(w.stride) * faultRegion {
+					for va := r; va < r+faultRegion; va += page {
+						if err := fault(w.cpu, w.mm, va); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+		untimed(b, func() {
+			for mm, addr := range addrs {
+				must(b, mm.Munmap(addr, span))
+			}
+		})
+	}
+	pages := uint64(len(addrs)) * span / page
+	perPage(b, pages)
+	b.ReportMetric(float64(b.N*int(pages))/b.Elapsed().Seconds(), "pages/s")
 }
 
 // BenchmarkFlushRange: a one-page flush of an MM that 1 to 16 CPUs run,
