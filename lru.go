@@ -70,7 +70,6 @@ type lruBatch struct {
 type queuedFrame struct {
 	f      *physmem.Frame
 	active bool
-	listed bool // on a list already, by a direct add: set and used by a drain
 }
 
 // addOn is add for a fault on the given CPU: f is queued on the CPU's
@@ -98,9 +97,10 @@ func (l *lru) addOn(cpu int, f *physmem.Frame, active bool) {
 	b.mu.Unlock()
 }
 
-// drainLocked moves a batch's frames onto the lists. A frame that got on
-// a list meanwhile (a direct add) stays where it is; a frame mlocked
-// meanwhile is unevictable and stays off. Called with b.mu held.
+// drainLocked moves a batch's frames onto the lists; a frame mlocked
+// meanwhile is unevictable and stays off. None is listed already: addOn
+// queues new frames, and add leaves queued ones to their batch. Called
+// with b.mu held.
 func (l *lru) drainLocked(b *lruBatch) {
 	if b.n == 0 {
 		return
@@ -112,33 +112,19 @@ func (l *lru) drainLocked(b *lruBatch) {
 		q.f.Flags()
 	}
 	l.mu.Lock()
-	// Decide first, then link: the decisions read every frame's link in
-	// a row, so their misses overlap instead of following one another
-	// under the lock.
-	for i := range b.frames[:b.n] {
-		q := &b.frames[i]
-		q.listed = l.links[q.f.PFN()].on != lruNone
-	}
 	for _, q := range b.frames[:b.n] {
-		pfn := uint32(q.f.PFN())
-		switch {
-		case q.listed:
-			// Listed already: add leaves queued frames to their batch,
-			// so this is only a frame listed before it was queued,
-			// which a fault never queues. Its flags stand.
-			q.f.ClearFlags(physmem.FlagLRUPending)
-		case q.f.Has(physmem.FlagMlocked):
+		if q.f.Has(physmem.FlagMlocked) {
 			q.f.ClearFlags(physmem.FlagLRUPending | physmem.FlagActive)
-		default:
-			which := lruInactive
-			if q.active {
-				which = lruActive
-			}
-			l.pushLocked(pfn, which)
-			// Listed and unqueued in one step: the free hook, which
-			// looks at the flags without mu, sees one or the other.
-			q.f.ChangeFlags(physmem.FlagLRUPending, physmem.FlagLRU)
+			continue
 		}
+		which := lruInactive
+		if q.active {
+			which = lruActive
+		}
+		l.pushLocked(uint32(q.f.PFN()), which)
+		// Listed and unqueued in one step: the free hook, which looks
+		// at the flags without mu, sees one or the other.
+		q.f.ChangeFlags(physmem.FlagLRUPending, physmem.FlagLRU)
 	}
 	l.mu.Unlock()
 	clear(b.frames[:b.n])
@@ -208,8 +194,6 @@ func (l *lru) add(f *physmem.Frame, active bool) {
 	f.SetFlags(physmem.FlagLRU)
 	if active {
 		f.SetFlags(physmem.FlagActive)
-	} else if f.Has(physmem.FlagActive) {
-		f.ClearFlags(physmem.FlagActive) // queued active, listed inactive
 	}
 }
 

@@ -181,6 +181,9 @@ func (a *Allocator) Frame(pfn PFN) (*Frame, error) {
 func (a *Allocator) Alloc() (*Frame, error) {
 	a.mu.Lock()
 	pfn, ok := a.takeLocked()
+	if ok {
+		a.allocs++
+	}
 	a.mu.Unlock()
 	if !ok && len(a.caches) > 0 {
 		// Free frames may wait in CPU caches. Drain them with every
@@ -188,7 +191,9 @@ func (a *Allocator) Alloc() (*Frame, error) {
 		// allocation has its frame: failing then, none is free anywhere.
 		a.withEveryLock(func() {
 			a.drainCachesLocked()
-			pfn, ok = a.takeLocked()
+			if pfn, ok = a.takeLocked(); ok {
+				a.allocs++
+			}
 		})
 	}
 	if !ok {
@@ -198,16 +203,13 @@ func (a *Allocator) Alloc() (*Frame, error) {
 	return a.handOut(pfn), nil
 }
 
-// takeLocked takes a frame off the free list, or a never-used one,
-// counting the allocation. Called with mu held.
+// takeLocked takes a frame off the free list, or a never-used one.
+// Called with mu held.
 func (a *Allocator) takeLocked() (uint32, bool) {
 	pfn, ok := a.popFree()
 	if !ok && a.fresh < a.nframes {
 		pfn, ok = uint32(a.fresh), true
 		a.advanceFresh(a.fresh + 1)
-	}
-	if ok {
-		a.allocs++
 	}
 	return pfn, ok
 }

@@ -2,6 +2,7 @@ package physmem
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 )
 
@@ -74,22 +75,16 @@ func (a *Allocator) refill(c *cpuCache) bool {
 	}
 	a.mu.Lock()
 	for len(c.pfns) < cpuCacheBatch {
-		pfn, ok := a.popFree()
+		pfn, ok := a.takeLocked()
 		if !ok {
-			if a.fresh == a.nframes {
-				break
-			}
-			pfn = uint32(a.fresh)
-			a.advanceFresh(a.fresh + 1)
+			break
 		}
 		c.pfns = append(c.pfns, pfn)
 	}
 	a.mu.Unlock()
-	// Popped newest first: hand the newest out first, while its frame
+	// Taken newest first: hand the newest out first, while its frame
 	// may still be in a cache.
-	for i, j := 0, len(c.pfns)-1; i < j; i, j = i+1, j-1 {
-		c.pfns[i], c.pfns[j] = c.pfns[j], c.pfns[i]
-	}
+	slices.Reverse(c.pfns)
 	return len(c.pfns) > 0
 }
 
