@@ -191,6 +191,9 @@ func (a *Allocator) Alloc() (*Frame, error) {
 		// allocation has its frame: failing then, none is free anywhere.
 		a.withEveryLock(func() {
 			a.drainCachesLocked()
+			if testHookDrained != nil {
+				testHookDrained()
+			}
 			if pfn, ok = a.takeLocked(); ok {
 				a.allocs++
 			}

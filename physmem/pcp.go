@@ -115,6 +115,11 @@ func (a *Allocator) drainCachesLocked() {
 	}
 }
 
+// testHookDrained, if set, runs when a failing allocation has drained
+// the CPU caches and not yet taken its frame: tests let another CPU try
+// to refill there.
+var testHookDrained func()
+
 // cachesCompleteABlockLocked reports whether the cached frames would
 // make some aligned block wholly free. Called with every cache's lock
 // and mu held.

@@ -3,6 +3,7 @@ package physmem
 import (
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/gomm-dev/gomm/internal/testmain"
 	"github.com/stretchr/testify/assert"
@@ -172,6 +173,38 @@ func TestConcurrentAllocOn(t *testing.T) {
 		assert.Empty(t, a.caches[i].pfns)
 	}
 	assert.Equal(t, frames, a.nfree, "every frame back on the free list")
+}
+
+// TestAllocTakesWhatItDrained: an allocation that finds the free list
+// empty drains the CPU caches; another CPU's refill between that drain
+// and the allocation's take would carry the frames off again, and the
+// allocation would fail with frames free. The drain and the take are
+// one step under every cache's lock, so the refill waits.
+func TestAllocTakesWhatItDrained(t *testing.T) {
+	a := newCached(t, 64, 2)
+	for range 60 {
+		_, err := a.Alloc()
+		require.NoError(t, err)
+	}
+	_, err := a.AllocOn(1) // cache 1 takes the last 4 frames
+	require.NoError(t, err)
+	require.Len(t, a.caches[1].pfns, 3)
+
+	refilled := make(chan error, 1)
+	testHookDrained = func() {
+		testHookDrained = nil
+		go func() {
+			_, err := a.AllocOn(1)
+			refilled <- err
+		}()
+		time.Sleep(20 * time.Millisecond) // time enough for the refill, were it not locked out
+	}
+	defer func() { testHookDrained = nil }()
+	f, err := a.AllocOn(0)
+	require.NoError(t, err, "the frames drained from cache 1 were free")
+	assert.NotNil(t, f)
+	require.NoError(t, <-refilled, "two of the three are left for cache 1")
+	assert.Equal(t, 1, a.Stats().Free)
 }
 
 // TestAllocOnNeverFailsWithFramesFree: CPUs allocating and freeing in a
